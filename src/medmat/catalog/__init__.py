@@ -26,8 +26,11 @@ ELEMENTS = ("modality", "area", "task")
 CLASSIFICATION_KIND = "classification"
 
 
-class CatalogError(ValueError):
-    """A look-up the catalogue cannot answer (unknown dataset or subset number, unparsable target)."""
+class CatalogError(LookupError, ValueError):
+    """A look-up the catalogue cannot answer (unknown dataset or subset number, unparsable target).
+
+    Both a LookupError (an unknown key) and a ValueError (a bad value), so callers may catch either.
+    """
 
 
 class UnknownVocabulary(CatalogError):

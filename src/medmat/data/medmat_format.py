@@ -1,0 +1,279 @@
+"""The public Med-MAT on-disk format: find, read and write its JSON files; derive missing test splits.
+
+Layout under a data root (directory and file names matched case-insensitively):
+
+    Original_Medical_Datasets/ori--NN-{train,test}.json     one file per dataset (NN = data-no)
+    Aggregated_Subsets/Subset--NN-{train,test}.json         one file per subset
+    med-mat/...                                             images, paths relative to the root
+
+Each file is a JSON list of records exactly like `tests/fixtures/medmat_sample_record.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ORIGINAL_DIR = "Original_Medical_Datasets"
+SUBSET_DIR = "Aggregated_Subsets"
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCD"
+MAX_OPTIONS = len(LETTERS)
+# Key order of a public record (json.dump keeps dict order, so written files match the release).
+RECORD_KEYS = ("id", "caption", "image", "Question", "Answer", "Question-choice", "Answer-choice", "data-no")
+SPLITS = ("train", "test")
+# The paper's 9:1 split where a dataset has no split of its own.
+DEFAULT_TEST_FRACTION = 0.1
+
+_FILE_RE = {
+    "dataset": re.compile(r"^ori--(\d+)-(train|test)\.json$", re.IGNORECASE),
+    "subset": re.compile(r"^subset--(\d+)-(train|test)\.json$", re.IGNORECASE),
+}
+_DIR_OF = {"dataset": ORIGINAL_DIR, "subset": SUBSET_DIR}
+
+
+class FormatError(ValueError):
+    """A file or record that does not follow the public format; names the file and record."""
+
+    def __init__(self, message: str, file: str | os.PathLike | None = None, index: int | None = None,
+                 record_id: object = None):
+        self.file, self.index, self.record_id, self.reason = file, index, record_id, message
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if index is not None:
+            where.append(f"record #{index}" + (f" (id {record_id!r})" if record_id is not None else ""))
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One JSON file of the release: which side (dataset/subset), its number and split."""
+
+    path: Path       # absolute
+    rel: str         # relative to the data root, '/'-separated
+    kind: str        # "dataset" (ori--NN) or "subset" (Subset--NN)
+    number: int
+    split: str       # "train" or "test"
+
+    @property
+    def prefix(self) -> str:
+        """Record-id prefix: 'ori' for per-dataset files, 'sub' for subset files."""
+        return "ori" if self.kind == "dataset" else "sub"
+
+
+def file_name(kind: str, number: int, split: str) -> str:
+    """`file_name("dataset", 2, "train")` -> 'ori--02-train.json' (the release pads to two digits)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if kind == "dataset":
+        return f"ori--{int(number):02d}-{split}.json"
+    if kind == "subset":
+        return f"Subset--{int(number):02d}-{split}.json"
+    raise ValueError(f"kind must be 'dataset' or 'subset', got {kind!r}")
+
+
+def relative_path(kind: str, number: int, split: str) -> str:
+    """Where a file lives under the data root, e.g. 'Original_Medical_Datasets/ori--02-train.json'."""
+    return f"{_DIR_OF[kind]}/{file_name(kind, number, split)}"
+
+
+def find_files(data_root: str | os.PathLike, kinds: Iterable[str] = ("dataset", "subset")) -> list[SourceFile]:
+    """The release's JSON files under `data_root`, sorted by (kind, number, split).
+
+    Directory and file names are matched case-insensitively (copies made on case-insensitive file
+    systems or re-zipped by hand differ in case). Other files are ignored.
+    """
+    root = Path(data_root)
+    out: list[SourceFile] = []
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data root is not a directory")
+    for kind in kinds:
+        wanted = _DIR_OF[kind].casefold()
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.casefold() == wanted):
+            for f in sorted(d.iterdir()):
+                m = _FILE_RE[kind].match(f.name)
+                if m and f.is_file():
+                    out.append(SourceFile(f.resolve(), f"{d.name}/{f.name}", kind, int(m.group(1)),
+                                          m.group(2).lower()))
+    order = {"dataset": 0, "subset": 1}
+    out.sort(key=lambda s: (order[s.kind], s.number, SPLITS.index(s.split), s.rel))
+    return out
+
+
+def read_records(path: str | os.PathLike, display: str | None = None) -> list[dict]:
+    """The records of one JSON file. Raises FormatError (naming the file) for unreadable bytes,
+    non-UTF-8 text, malformed JSON or a top level that is not a list. Records are not checked here."""
+    name = display or str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise FormatError(f"cannot read file: {exc.strerror or exc}", name) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is harmless; other bytes are not
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", name) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", name) from None
+    if not isinstance(data, list):
+        raise FormatError(f"expected a JSON list of records, got {type(data).__name__}", name)
+    return data
+
+
+def format_question_choice(question: str, options: Sequence[str]) -> str:
+    """The `Question-choice` prompt: question, options 'A: ...' one per line, the instruction line."""
+    if not 1 <= len(options) <= MAX_OPTIONS:
+        raise ValueError(f"1..{MAX_OPTIONS} options expected, got {len(options)}")
+    for opt in options:
+        if "\n" in str(opt):
+            raise ValueError(f"option {opt!r} contains a line break")
+    lines = [question.rstrip("\n")]
+    lines += [f"{LETTERS[i]}: {opt}" for i, opt in enumerate(options)]
+    lines.append(INSTRUCTION)
+    return "\n".join(lines)
+
+
+def parse_question_choice(text: str) -> tuple[str, list[str]]:
+    """(question, options) of a `Question-choice` prompt; inverse of format_question_choice.
+
+    Read from the end: the last line is the instruction, the lines before it are options ending
+    with 'A: ...' (so a question that itself spans lines, or mentions 'A:', parses right).
+    Raises ValueError with a message saying what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"Question-choice must be a string, got {type(text).__name__}")
+    lines = text.rstrip("\n").split("\n")
+    if len(lines) < 3 or lines[-1].strip() != INSTRUCTION:
+        raise ValueError(f"Question-choice must end with the instruction line {INSTRUCTION!r}")
+    options: list[str] = []
+    i = len(lines) - 2
+    while i >= 1:
+        line = lines[i]
+        if len(line) >= 2 and line[1] == ":" and line[0] in LETTERS:
+            options.append(line[2:].strip())
+            i -= 1
+            if line[0] == "A":
+                break
+        else:
+            break
+    options.reverse()
+    n = len(options)
+    if n == 0 or lines[i + 1][0] != "A":
+        raise ValueError("Question-choice has no options 'A: ...' before the instruction line")
+    got = "".join(lines[j][0] for j in range(i + 1, i + 1 + n))
+    if got != LETTERS[:n]:
+        raise ValueError(f"options must be lettered {LETTERS[:n]!r} in order, got {got!r}")
+    question = "\n".join(lines[: i + 1]).strip()
+    if not question:
+        raise ValueError("Question-choice has no question before its options")
+    return question, options
+
+
+def make_record(*, id: int, caption: str, image: str, question: str, options: Sequence[str],
+                answer_index: int, data_no: int | str) -> dict:
+    """A record in the release's exact key order. The free-text `Answer` is the option's text."""
+    if not 0 <= answer_index < len(options):
+        raise ValueError(f"answer_index {answer_index} outside {len(options)} options")
+    return {
+        "id": id,
+        "caption": caption,
+        "image": image,
+        "Question": question,
+        "Answer": options[answer_index],
+        "Question-choice": format_question_choice(question, options),
+        "Answer-choice": LETTERS[answer_index],
+        "data-no": str(int(data_no)),
+    }
+
+
+def dumps_records(records: Sequence[dict]) -> str:
+    """The JSON text of a file, formatted like the release (indent 4, UTF-8 kept, final newline)."""
+    return json.dumps(list(records), indent=4, ensure_ascii=False) + "\n"
+
+
+def write_records(path: str | os.PathLike, records: Sequence[dict]) -> Path:
+    """Write one file atomically (temp file + os.replace): readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dumps_records(records).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]], *, seed: int = 0,
+                 test_fraction: float = DEFAULT_TEST_FRACTION) -> list[str]:
+    """'train'/'test' for each record of a release file that has no test file of its own.
+
+    - Deterministic: groups are ordered by a hash of (seed, group key), not by file order.
+    - No image in both splits: records sharing any image key (its path, its content hash, ...) form
+      one group (union-find) and a group goes to one split whole.
+    - Label-balanced test set, as the paper's: each label gets the same quota
+      (test_fraction x records / labels), capped at half the label's records so that train keeps
+      examples of every label; a rare label therefore gets fewer test records, never more.
+    """
+    n = len(labels)
+    if len(image_keys) != n:
+        raise ValueError("labels and image_keys must have the same length")
+    if n == 0:
+        return []
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[Hashable, int] = {}
+    for i, keys in enumerate(image_keys):
+        for key in keys:
+            if key is None or key == "":
+                continue
+            j = first_of.setdefault(key, i)
+            if j != i:
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        groups[find(i)].append(i)
+
+    per_label: dict[str, int] = defaultdict(int)
+    for lab in labels:
+        per_label[lab] += 1
+    quota = max(1, round(test_fraction * n / len(per_label)))
+    cap = {lab: min(quota, c // 2) for lab, c in per_label.items()}
+
+    def order_key(members: list[int]) -> str:
+        key = min(repr(k) for i in members for k in image_keys[i]) if any(image_keys[i] for i in members) \
+            else str(members[0])
+        return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
+
+    split = ["train"] * n
+    taken: dict[str, int] = defaultdict(int)
+    for members in sorted(groups.values(), key=order_key):
+        need: dict[str, int] = defaultdict(int)
+        for i in members:
+            need[labels[i]] += 1
+        if all(taken[lab] + c <= cap[lab] for lab, c in need.items()):
+            for lab, c in need.items():
+                taken[lab] += c
+            for i in members:
+                split[i] = "test"
+    return split
