@@ -43,8 +43,9 @@ class FormatError(ValueError):
     """A file or record that does not follow the public format; names the file and record."""
 
     def __init__(self, message: str, file: str | os.PathLike | None = None, index: int | None = None,
-                 record_id: object = None):
-        self.file, self.index, self.record_id, self.reason = file, index, record_id, message
+                 record_id: object = None, check: str = "format"):
+        # `check` names the kind of fault (encoding, json, file_structure, ...) for problem reports.
+        self.file, self.index, self.record_id, self.reason, self.check = file, index, record_id, message, check
         where = []
         if file is not None:
             where.append(str(file))
@@ -115,17 +116,20 @@ def read_records(path: str | os.PathLike, display: str | None = None) -> list[di
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise FormatError(f"cannot read file: {exc.strerror or exc}", name) from None
+        raise FormatError(f"cannot read file: {exc.strerror or exc}", name, check="file_unreadable") from None
     try:
         text = raw.decode("utf-8-sig")  # a BOM is harmless; other bytes are not
     except UnicodeDecodeError as exc:
-        raise FormatError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", name) from None
+        raise FormatError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", name,
+                          check="encoding") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FormatError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", name) from None
+        raise FormatError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", name,
+                          check="json") from None
     if not isinstance(data, list):
-        raise FormatError(f"expected a JSON list of records, got {type(data).__name__}", name)
+        raise FormatError(f"expected a JSON list of records, got {type(data).__name__}", name,
+                          check="file_structure")
     return data
 
 
