@@ -165,7 +165,7 @@ class Catalog:
     def dataset(self, no: int | str) -> DatasetInfo:
         n = _as_number(no, "dataset")
         if n not in self.datasets.index:
-            raise CatalogError(f"unknown dataset number {no!r} (catalogue has 1..{self.datasets.index.max()})")
+            raise CatalogError(f"unknown dataset number {n} (catalogue has 1..{self.datasets.index.max()})")
         r = self.datasets.loc[n]
         sub = None if pd.isna(r["subset_no"]) else int(r["subset_no"])
         return DatasetInfo(
@@ -179,7 +179,7 @@ class Catalog:
     def subset(self, no: int | str) -> SubsetInfo:
         n = _as_number(no, "subset")
         if n not in self.subsets.index:
-            raise CatalogError(f"unknown subset number {no!r} (catalogue has 1..{self.subsets.index.max()})")
+            raise CatalogError(f"unknown subset number {n} (catalogue has 1..{self.subsets.index.max()})")
         r = self.subsets.loc[n]
         return SubsetInfo(
             no=n, modality=r["modality"], area=r["area"], task=r["task"], task_name=r["task_name"],

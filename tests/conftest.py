@@ -1,0 +1,37 @@
+"""Shared fixtures: small real worlds built on the fly under tmp_path (never the repo's data/)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLE_RECORD_PATH = FIXTURES / "medmat_sample_record.json"
+
+
+def write_jpeg(path: Path, size: int = 16, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:
+    """A real (decodable) JPEG at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, "JPEG")
+    return path
+
+
+@pytest.fixture
+def sample_record() -> dict:
+    """The public Med-MAT sample record (dataset 2, CT kidney), a fresh copy per test."""
+    return copy.deepcopy(json.loads(SAMPLE_RECORD_PATH.read_text(encoding="utf-8")))
+
+
+@pytest.fixture
+def sample_world(tmp_path: Path, sample_record: dict) -> Path:
+    """A data root holding only the public sample record, with a real JPEG at its image path."""
+    root = tmp_path / "data"
+    write_jpeg(root / sample_record["image"])
+    out = root / "Original_Medical_Datasets" / "ori--02-train.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps([sample_record], indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    return root
