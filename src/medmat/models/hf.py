@@ -1,0 +1,443 @@
+"""The `hf` backend: a local Hugging Face image-text-to-text checkpoint, LoRA (PEFT) or full fine-tuning.
+
+    backend = build_hf({"path": "/models/llava-1.5-7b-hf", "lora": {"r": 16}}, data_root)
+    backend.collate(rows) -> batch     # prompt = the record's Question-choice as a chat turn with its image;
+                                       # labels are -100 everywhere but the answer letter (+ end token)
+    backend.loss(batch)                # answer-only cross-entropy, through self.model(...)
+    backend.score_options(rows)        # log-likelihood of each option's letter as the answer
+    backend.generate(rows)             # greedy decoding, decoded text
+    backend.save(dir); load_hf(dir)    # LoRA: adapter + a reference to the base checkpoint; full: the model
+
+Loaded through AutoModelForImageTextToText + AutoProcessor, so LLaVA-1.5, Qwen2-VL and other families
+with a chat template work the same way. The path is checked before transformers sees it (a missing
+directory makes transformers try the Hub) and every load passes local_files_only=True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLProcessor
+
+from medmat.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJ"
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+# LoRA on the language model's attention and MLP projections only. The vision towers of LLaVA (CLIP) and
+# others also have modules named q_proj/k_proj/..., so a plain name list would adapt them too; PEFT
+# full-matches a string target_modules as a regex against the module's dotted name.
+DEFAULT_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# Names of the vision tower and of the vision->text projector across the families we support
+# (LLaVA: vision_tower / multi_modal_projector; Qwen2-VL: visual, whose `merger` is the projector).
+VISION_MARKERS = ("vision_tower", "vision_model", "visual.")
+PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger")
+
+
+class ModelPathError(ConfigError):
+    """The configured checkpoint directory does not exist or is not a checkpoint."""
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = DEFAULT_TARGET_MODULES
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
+class HFConfig:
+    """params.yaml `model.hf` section."""
+
+    path: str = ""  # local checkpoint directory (config, weights, tokenizer, image processor)
+    lora: dict | LoraConfig = dataclasses.field(default_factory=dict)
+    full_finetune: bool = False  # True: train all (unfrozen) weights; lora is ignored
+    freeze_vision: bool = True  # vision tower frozen (full fine-tuning; LoRA never adapts it by default)
+    freeze_projector: bool = False  # False: projector trained too (LoRA: saved beside the adapter)
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
+    device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is there, else cpu
+    max_length: int = 2048  # prompts are truncated from the left of the question text if longer
+    image_size: int | None = None  # resize images to this square first (None: the processor decides)
+    max_new_tokens: int = 8  # generate scorer: enough for "B", "(B)", "The answer is B"
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers default
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = from_dict(LoraConfig, self.lora, where="model.hf.lora")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be >= 16, got {self.max_length}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video processor.
+
+    The stock processor loads a video processor, which imports torchvision; we only feed images, and
+    torchvision is not part of this stack (its CPU build breaks transformers' AutoProcessor here).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def check_model_path(path: str | os.PathLike) -> Path:
+    """The checkpoint directory, or ModelPathError naming it (never a Hub download)."""
+    if not path:
+        raise ModelPathError("model.hf.path is empty: set it to a local checkpoint directory")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelPathError(f"model.hf.path {str(p)!r} does not exist or is not a directory "
+                             "(only local checkpoints are loaded; nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise ModelPathError(f"model.hf.path {str(p)!r} has no config.json: not a Hugging Face checkpoint")
+    return p.resolve()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        # Under `accelerate launch` each process owns GPU LOCAL_RANK; loading all of them on cuda:0
+        # first would put N copies of a 7B model on one card.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_processor(path: Path, model_type: str, trust_remote_code: bool = False):
+    if model_type == "qwen2_vl":
+        return Qwen2VLImageOnlyProcessor.from_pretrained(path, local_files_only=True)
+    return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def _load_image(path: str, data_root: str | os.PathLike | None):
+    """Records carry absolute image paths; relative ones resolve under data_root."""
+    p = Path(path)
+    if not p.is_absolute() and data_root is not None:
+        p = Path(data_root) / p
+    try:
+        from medmat.data.images import load_image  # safe loading (DICOM, confinement) when present
+    except ImportError:  # pragma: no cover - the data layer provides it
+        load_image = None
+    if load_image is not None:
+        return load_image(p)
+    from PIL import Image
+
+    with Image.open(p) as im:
+        return im.convert("RGB")
+
+
+class HFBackend:
+    """A local image-text-to-text checkpoint behind the medmat backend interface."""
+
+    name = "hf"
+
+    def __init__(self, cfg: HFConfig, data_root: str | os.PathLike | None = None,
+                 adapter_dir: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None):
+        self.cfg = cfg
+        self.data_root = data_root
+        base = check_model_path(cfg.path)
+        weights_dir = Path(model_dir) if model_dir is not None else base
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        kwargs: dict[str, Any] = dict(dtype=self.dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(weights_dir, **kwargs)
+        self.model_type = model.config.model_type
+        self.processor = load_processor(weights_dir if model_dir is not None else base, self.model_type,
+                                        cfg.trust_remote_code)
+        self.tokenizer = self.processor.tokenizer
+        if self.tokenizer.pad_token_id is None:  # LLaMA-family tokenizers ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        model.config.use_cache = False  # training; generate() turns the cache on per call
+        if cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input-grad hacks.
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.full_finetune:
+            self._freeze_for_full(model)
+        else:
+            model = self._wrap_lora(model, adapter_dir)
+        self.model = model.to(self.device)
+        self._letter_ids = self._single_token_letters()
+
+    # -- model set-up -----------------------------------------------------------------------------
+    def _freeze_for_full(self, model) -> None:
+        for name, p in model.named_parameters():
+            if self.cfg.freeze_projector and any(m in name for m in PROJECTOR_MARKERS):
+                p.requires_grad_(False)
+            elif self.cfg.freeze_vision and any(m in name for m in VISION_MARKERS) and not any(
+                m in name for m in PROJECTOR_MARKERS
+            ):
+                p.requires_grad_(False)
+
+    def _projector_names(self, model) -> list[str]:
+        names = set()
+        for name, _ in model.named_modules():
+            for marker in PROJECTOR_MARKERS:
+                if name.endswith(marker):
+                    names.add(marker.split(".")[-1])
+        return sorted(names)
+
+    def _wrap_lora(self, model, adapter_dir):
+        import peft
+
+        lcfg: LoraConfig = self.cfg.lora
+        if adapter_dir is not None:
+            return peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        modules_to_save = None if self.cfg.freeze_projector else self._projector_names(model) or None
+        pcfg = peft.LoraConfig(
+            r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
+            modules_to_save=modules_to_save, task_type=None,
+        )
+        try:
+            wrapped = peft.get_peft_model(model, pcfg)
+        except ValueError as exc:  # PEFT: "Target modules ... not found in the base model"
+            raise ConfigError(f"model.hf.lora.target_modules {lcfg.target_modules!r} matched no module of "
+                              f"{self.cfg.path}: {exc}") from None
+        return wrapped
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    # -- prompts and batches ----------------------------------------------------------------------
+    def prompt_text(self, row: dict) -> str:
+        """The record's Question-choice as one user turn with the image, ending at the answer slot."""
+        question = str(row["question_choice"]).strip()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if template:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # No chat template (a base model): the image token, the question, then an answer cue.
+        return f"{self.processor.image_token}\n{question}\nAnswer:"
+
+    def _image(self, row: dict):
+        img = _load_image(row["image_path"], self.data_root)
+        if self.cfg.image_size:
+            img = img.resize((self.cfg.image_size, self.cfg.image_size))
+        return img
+
+    def _encode_prompt(self, row: dict) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=[self.prompt_text(row)], images=[self._image(row)], return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def _answer_ids(self, letter: str, with_eos: bool = True) -> list[int]:
+        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if with_eos and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids
+
+    def collate(self, rows: list[dict], answers: list[str] | None = None, with_eos: bool = True,
+                padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Prompt (+ answer) token ids, image tensors and answer-only labels for a list of records.
+
+        `answers=None` uses each record's answer letter; `answers=[""]*n` builds prompts only.
+        """
+        answers = [r["answer_letter"] for r in rows] if answers is None else answers
+        seqs, extras = [], []
+        for row, ans in zip(rows, answers):
+            enc = self._encode_prompt(row)
+            prompt = enc.pop("input_ids")[0]
+            enc.pop("attention_mask", None)
+            mm = enc.pop("mm_token_type_ids", None)
+            ans_ids = torch.tensor(self._answer_ids(ans, with_eos) if ans else [], dtype=torch.long)
+            ids = torch.cat([prompt, ans_ids])
+            if len(ids) > self.cfg.max_length:
+                raise ValueError(f"record {row.get('record_id', '?')}: {len(ids)} tokens > model.hf.max_length "
+                                 f"{self.cfg.max_length} (raise max_length or set image_size)")
+            labels = torch.cat([torch.full_like(prompt, -100), ans_ids])
+            mm_ids = None if mm is None else torch.cat([mm[0], torch.zeros_like(ans_ids)])
+            seqs.append((ids, labels, mm_ids))
+            extras.append(enc)
+        width = max(len(s[0]) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        batch: dict[str, torch.Tensor] = {}
+        out_ids, out_mask, out_labels, out_mm = [], [], [], []
+        for ids, labels, mm_ids in seqs:
+            n = width - len(ids)
+            fill = lambda t, v: (torch.cat([t, t.new_full((n,), v)]) if padding_side == "right"  # noqa: E731
+                                 else torch.cat([t.new_full((n,), v), t]))
+            out_ids.append(fill(ids, pad))
+            out_mask.append(fill(torch.ones_like(ids), 0))
+            out_labels.append(fill(labels, -100))
+            if mm_ids is not None:
+                out_mm.append(fill(mm_ids, 0))
+        batch["input_ids"] = torch.stack(out_ids)
+        batch["attention_mask"] = torch.stack(out_mask)
+        batch["labels"] = torch.stack(out_labels)
+        if out_mm:
+            batch["mm_token_type_ids"] = torch.stack(out_mm)
+        # Image tensors: LLaVA (1, 3, H, W) per image; Qwen2-VL (patches, dim) + grid (1, 3) — all
+        # concatenate along the first axis in record order.
+        for key in extras[0]:
+            batch[key] = torch.cat([e[key] for e in extras])
+        return batch
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        return {k: (v.to(device, self.dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**self._to_device(batch)).loss
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _single_token_letters(self) -> list[int] | None:
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in LETTERS]
+        return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+
+    @torch.no_grad()
+    def score_options(self, rows: list[dict]) -> list[list[float]]:
+        """Log-likelihood of each option's letter (without the end token) as the answer."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self._letter_ids is not None:
+                return self._score_single_token(rows)
+            return self._score_teacher_forced(rows)
+        finally:
+            self.model.train(was_training)
+
+    def _score_single_token(self, rows):
+        # Every letter is one token: one forward per batch, read the next-token distribution at the
+        # last prompt position.
+        batch = self._to_device(self.collate(rows, answers=[""] * len(rows)))
+        batch.pop("labels")
+        logits = self.model(**batch).logits
+        last = batch["attention_mask"].sum(1) - 1
+        logp = torch.log_softmax(logits[torch.arange(len(rows)), last].float(), dim=-1)
+        return [[float(logp[i, self._letter_ids[j]]) for j in range(len(r["options"]))] for i, r in enumerate(rows)]
+
+    def _score_teacher_forced(self, rows):
+        flat_rows, flat_ans, owner = [], [], []
+        for i, r in enumerate(rows):
+            for j in range(len(r["options"])):
+                flat_rows.append(r)
+                flat_ans.append(LETTERS[j])
+                owner.append(i)
+        batch = self._to_device(self.collate(flat_rows, answers=flat_ans, with_eos=False))
+        labels = batch.pop("labels")
+        logits = self.model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        seq = (logp * (target != -100)).sum(1).tolist()
+        scores: list[list[float]] = [[] for _ in rows]
+        for i, s in zip(owner, seq):
+            scores[i].append(float(s))
+        return scores
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict]) -> list[str]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = self._to_device(self.collate(rows, answers=[""] * len(rows), padding_side="left"))
+            batch.pop("labels")
+            out = self.model.generate(
+                **batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = out[:, batch["input_ids"].shape[1]:]
+            return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        finally:
+            self.model.train(was_training)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """LoRA: adapter/ + processor/ + the base path; full: model/ + processor/. Written atomically."""
+        from medmat.models import write_backend_file
+
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            model = self.model
+            model = getattr(model, "module", model)  # unwrap DDP if the trainer left it wrapped
+            if self.cfg.full_finetune:
+                model.save_pretrained(tmp / "model")
+                self.processor.save_pretrained(tmp / "model")
+                mode = "full"
+            else:
+                model.save_pretrained(tmp / "adapter")
+                self.processor.save_pretrained(tmp / "processor")
+                mode = "lora"
+            cfg = self.cfg.to_dict()
+            write_backend_file(tmp, "hf", mode=mode, base_path=str(check_model_path(self.cfg.path)),
+                               model_type=self.model_type, hf=cfg)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def build_hf(hf_cfg: dict | HFConfig, data_root: str | os.PathLike | None = None) -> HFBackend:
+    cfg = hf_cfg if isinstance(hf_cfg, HFConfig) else from_dict(HFConfig, hf_cfg, where="model.hf")
+    return HFBackend(cfg, data_root=data_root)
+
+
+def load_hf(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
+            **overrides: Any) -> HFBackend:
+    """Rebuild a saved backend: the base checkpoint + adapter (LoRA) or the saved full model.
+
+    `overrides` replace saved HFConfig values (e.g. device="cpu", dtype="float32" to read a GPU run).
+    """
+    from medmat.models import read_backend_file
+
+    d = Path(model_dir)
+    info = read_backend_file(d)
+    values = dict(info.get("hf", {}))
+    lora = values.get("lora")
+    values.update(overrides)
+    cfg = from_dict(HFConfig, values, where=f"{d}/model.hf")
+    if isinstance(lora, dict):
+        cfg.lora = from_dict(LoraConfig, lora, where=f"{d}/model.hf.lora")
+    if info.get("mode") == "full":
+        return HFBackend(cfg, data_root=data_root, model_dir=d / "model")
+    cfg.path = info.get("base_path", cfg.path)
+    return HFBackend(cfg, data_root=data_root, adapter_dir=d / "adapter")
+
+
+# Names medmat.models.build / load dispatch to.
+build = build_hf
+load = load_hf
