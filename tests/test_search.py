@@ -1,0 +1,228 @@
+"""Search mechanics on a real Optuna SQLite storage: resume after kill -9, workers, warm start, outputs.
+
+The objective here is a cheap analytic function of the mixture (a real function, not a mock): storage,
+locking, recovery and worker behaviour do not depend on what the objective computes. The real
+objective (train + dev accuracy) is exercised in test_search_end_to_end (slow).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from medmat import search
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from medmat import search
+
+    storage, name, n_trials, delay, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+    space = search.MixtureSpace(limits={"01": 400, "02": 400, "03": 400, "04": 400}, budget=800, step=50)
+    study = search.open_study(name, storage, "tpe", seed=seed, pruner_startup_trials=100)
+    lock = search.lock_path(storage, name)
+    with search.study_lock(lock):
+        search.recover_stale(study)
+        search.enqueue_warm_start(study, space, {"related_modality": {"01": 300, "02": 300},
+                                                 "all_related": {"01": 200, "02": 200, "03": 200, "04": 200}})
+
+    def evaluate(mixture, trial):
+        # peak at 01=400, 03=250; report per "step" like training would
+        score = 1.0 - abs(mixture.get("01", 0) - 400) / 800 - abs(mixture.get("03", 0) - 250) / 800 \\
+            - 0.1 * len(mixture)
+        for step in range(3):
+            trial.report(score * (step + 1) / 3, step)
+            time.sleep(delay)
+        return score
+
+    search.run_worker(study, space, evaluate, n_trials, lock, progress=False)
+    """
+)
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return env
+
+
+def _start(tmp_path: Path, storage: str, name: str, n: int, delay: float, seed: int = 0) -> subprocess.Popen:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    return subprocess.Popen([sys.executable, str(script), storage, name, str(n), str(delay), str(seed)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _trials(storage: str, name: str):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def test_space_budget_and_enqueue_roundtrip():
+    space = search.MixtureSpace(limits={"01": 400, "02": 380}, budget=500, step=50)
+    assert space.bounds("02") == (50, 350, 50)  # grid stops inside what the subset holds
+    assert space.apply_budget({"01": 400, "02": 400}) == {"01": 250, "02": 250}
+    assert space.apply_budget({"01": 100}) == {"01": 100}
+    params = space.params_for({"01": 300})
+    assert params == {"use_01": True, "n_01": 300, "use_02": False}
+    with pytest.raises(search.SearchError, match="outside the candidates"):
+        space.params_for({"09": 10})
+    # enqueued params reproduce the mixture through suggest()
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(params)
+    trial = study.ask()
+    assert space.suggest(trial) == {"01": 300}
+
+
+def test_killed_search_resumes_without_lost_or_duplicated_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    name, n = "kill-resume", 8
+    proc = _start(tmp_path, storage, name, n, delay=0.25)
+    deadline = time.time() + 60
+    killed_running = None
+    try:
+        while time.time() < deadline:
+            time.sleep(0.05)
+            try:
+                trials = _trials(storage, name)
+            except (KeyError, Exception):
+                continue
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            running = [t for t in trials if t.state == TrialState.RUNNING and search.OWNER in t.user_attrs]
+            if len(done) >= 3 and running:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_running = running[0].number
+                break
+        else:
+            pytest.fail("search never reached 3 complete trials: " + (proc.stdout.read() if proc.poll() else ""))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    before = {t.number: (t.state, t.value, dict(t.params)) for t in _trials(storage, name)}
+    assert before[killed_running][0] == TrialState.RUNNING  # the kill left a stale trial behind
+    killed_params = before[killed_running][2]
+
+    out = _start(tmp_path, storage, name, n, delay=0.0)
+    assert out.wait(timeout=120) == 0, out.stdout.read()
+    trials = _trials(storage, name)
+    states = [t.state for t in trials]
+    assert sum(s in search.FINISHED for s in states) == n          # budget exactly met, none lost
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [killed_running]           # only the killed one failed
+    retries = [t for t in trials if t.user_attrs.get(search.RETRY_OF) == killed_running]
+    assert len(retries) == 1 and retries[0].state in search.FINISHED  # re-run exactly once
+    assert dict(retries[0].params) == killed_params
+    for num, (state, value, params) in before.items():              # finished trials untouched
+        if state in search.FINISHED:
+            t = trials[num]
+            assert (t.state, t.value, dict(t.params)) == (state, value, params)
+    warm = [t.user_attrs.get(search.WARM) for t in trials if search.WARM in t.user_attrs
+            and search.RETRY_OF not in t.user_attrs]
+    assert sorted(warm) == ["all_related", "related_modality"]     # enqueued once despite the restart
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.best_value == max(t.value for t in trials if t.state == TrialState.COMPLETE)
+
+    # a third start has nothing to do: the count stays
+    again = _start(tmp_path, storage, name, n, delay=0.0)
+    assert again.wait(timeout=60) == 0
+    assert len(_trials(storage, name)) == len(trials)
+
+
+def test_two_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    name, n = "two-workers", 8
+    procs = [_start(tmp_path, storage, name, n, delay=0.15, seed=k) for k in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stdout.read()
+    trials = _trials(storage, name)
+    assert len(trials) == n and all(t.state in search.FINISHED for t in trials)  # no overshoot
+    assert len({t.number for t in trials}) == n
+    owners = {t.user_attrs[search.OWNER].split(":")[1] for t in trials}
+    assert owners == {str(p.pid) for p in procs}  # both processes ran trials
+    warm = [t.user_attrs[search.WARM] for t in trials if search.WARM in t.user_attrs]
+    assert sorted(warm) == ["all_related", "related_modality"]
+    sampled = [json.dumps(dict(t.params), sort_keys=True) for t in trials if search.WARM not in t.user_attrs]
+    assert len(set(sampled)) == len(sampled)  # distinct trials, not one suggestion run twice
+
+
+def test_stale_trial_of_live_owner_is_left_alone(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = search.open_study("live", storage)
+    t = study.ask({"use_01": optuna.distributions.CategoricalDistribution([False, True])})
+    t.set_user_attr(search.OWNER, search.owner_id())  # this very process: alive
+    assert search.recover_stale(study) == []
+    dead = study.ask()
+    dead.set_user_attr(search.OWNER, search.owner_id().rsplit(":", 1)[0] + ":1")  # wrong start time
+    assert search.recover_stale(study) == [dead.number]
+    assert study.get_trials(deepcopy=False)[dead.number].state == TrialState.FAIL
+
+
+def test_outputs_best_mixture_and_history(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    space = search.MixtureSpace(limits={"01": 200, "02": 200}, budget=300, step=50)
+    study = search.open_study("outputs", storage, seed=3)
+    lock = search.lock_path(storage, "outputs")
+    search.enqueue_warm_start(study, space, {"related_area": {"02": 150}})
+    ran = search.run_worker(study, space, lambda m, t: m.get("02", 0) / 300, 5, lock, progress=False)
+    assert ran == 5
+    manifest = search.write_outputs(study, tmp_path / "out", "03", seed=0)
+    best = json.loads((tmp_path / "out" / "best_mixture.json").read_text())
+    assert best == manifest and best["components"] and best["dev_accuracy"] == study.best_value
+    assert sum(best["components"].values()) <= 300
+    rows = list(csv.DictReader((tmp_path / "out" / "history.csv").open()))
+    assert [int(r["trial"]) for r in rows] == list(range(5))
+    assert rows[0]["source"] == "warm:related_area" and json.loads(rows[0]["mixture"]) == {"02": 150}
+
+
+def test_trials_to_reach():
+    assert search.trials_to_reach([0.1, None, 0.5, 0.7], 0.5) == 3
+    assert search.trials_to_reach([0.1, 0.2], 0.5) is None
+
+
+def test_optuna_dashboard_answers_for_the_study(tmp_path):
+    import socket
+    import urllib.request
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = search.open_study("medmat-search-03", storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    proc = subprocess.Popen([str(exe), storage, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    try:
+        body = None
+        deadline = time.time() + 40
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, "optuna-dashboard did not answer"
+        names = [s["study_name"] for s in body["study_summaries"]]
+        assert "medmat-search-03" in names
+        study_id = body["study_summaries"][names.index("medmat-search-03")]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=5) as r:
+            detail = json.loads(r.read())
+        assert len(detail["trials"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
