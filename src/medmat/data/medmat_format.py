@@ -176,6 +176,10 @@ def parse_question_choice(text: str) -> tuple[str, list[str]]:
     got = "".join(lines[j][0] for j in range(i + 1, i + 1 + n))
     if got != LETTERS[:n]:
         raise ValueError(f"options must be lettered {LETTERS[:n]!r} in order, got {got!r}")
+    above = lines[i]
+    if len(above) >= 2 and above[1] == ":" and above[0] in LETTERS:
+        # 'B: x' right above 'A: y' is a shuffled option list, not the end of a question.
+        raise ValueError(f"options must be lettered in order A..D; found {above[:2]!r} before 'A:'")
     question = "\n".join(lines[: i + 1]).strip()
     if not question:
         raise ValueError("Question-choice has no question before its options")
