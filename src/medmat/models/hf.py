@@ -157,6 +157,29 @@ def _load_image(path: str, data_root: str | os.PathLike | None):
         return im.convert("RGB")
 
 
+def projector_module_names(model) -> list[str]:
+    """Short names of the vision->text projector modules present in `model` (for PEFT modules_to_save)."""
+    names = set()
+    for name, _ in model.named_modules():
+        for marker in PROJECTOR_MARKERS:
+            if name.endswith(marker):
+                names.add(marker.split(".")[-1])
+    return sorted(names)
+
+
+def wrap_lora(model, lora: LoraConfig, train_projector: bool = True):
+    """`model` with LoRA adapters (PEFT) on `lora.target_modules`; everything else frozen except, when
+    `train_projector`, the projector (trained in full and saved beside the adapter)."""
+    import peft
+
+    modules_to_save = (projector_module_names(model) or None) if train_projector else None
+    pcfg = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        modules_to_save=modules_to_save, task_type=None,
+    )
+    return peft.get_peft_model(model, pcfg)
+
+
 class HFBackend:
     """A local image-text-to-text checkpoint behind the medmat backend interface."""
 
@@ -204,31 +227,16 @@ class HFBackend:
             ):
                 p.requires_grad_(False)
 
-    def _projector_names(self, model) -> list[str]:
-        names = set()
-        for name, _ in model.named_modules():
-            for marker in PROJECTOR_MARKERS:
-                if name.endswith(marker):
-                    names.add(marker.split(".")[-1])
-        return sorted(names)
-
     def _wrap_lora(self, model, adapter_dir):
-        import peft
-
-        lcfg: LoraConfig = self.cfg.lora
         if adapter_dir is not None:
+            import peft
+
             return peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        modules_to_save = None if self.cfg.freeze_projector else self._projector_names(model) or None
-        pcfg = peft.LoraConfig(
-            r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules,
-            modules_to_save=modules_to_save, task_type=None,
-        )
         try:
-            wrapped = peft.get_peft_model(model, pcfg)
+            return wrap_lora(model, self.cfg.lora, train_projector=not self.cfg.freeze_projector)
         except ValueError as exc:  # PEFT: "Target modules ... not found in the base model"
-            raise ConfigError(f"model.hf.lora.target_modules {lcfg.target_modules!r} matched no module of "
-                              f"{self.cfg.path}: {exc}") from None
-        return wrapped
+            raise ConfigError(f"model.hf.lora.target_modules {self.cfg.lora.target_modules!r} matched no module "
+                              f"of {self.cfg.path}: {exc}") from None
 
     def trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
