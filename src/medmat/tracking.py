@@ -122,9 +122,15 @@ def setup(cfg: TrackingConfig | None = None) -> str:
 # ---------------------------------------------------------------------------------------------- tags
 
 
-@functools.lru_cache(maxsize=None)
-def git_commit(cwd: str | None = None) -> str:
-    """HEAD's commit hash (with `-dirty` when tracked files changed), or "unknown" outside git."""
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """HEAD's commit hash of the repository around `cwd` (default: the working directory), or
+    "unknown" outside git / without git."""
+    return _git_commit(str(Path(cwd or os.getcwd()).resolve()))
+
+
+@functools.lru_cache(maxsize=64)
+def _git_commit(cwd: str) -> str:
+    # Cached per directory: one subprocess per process, not per run (many short runs).
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
