@@ -86,9 +86,9 @@ def test_scaleup_sets(cat):
     t = resolve_target(3, cat)
     # Related to CT-Lung-COVID: CT (02, 04, 05, 06), Lung (04, 28, 30), COVID (28).
     assert scaleup_set(cat, t, "all_related") == [2, 4, 5, 6, 28, 30]
-    assert scaleup_set(cat, t, "related_wo_modality") == [28, 30]
-    assert scaleup_set(cat, t, "related_wo_area") == [2, 5, 6]
-    assert scaleup_set(cat, t, "related_wo_task") == [2, 4, 5, 6, 30]
+    assert scaleup_set(cat, t, "related_without_modality") == [28, 30]
+    assert scaleup_set(cat, t, "related_without_area") == [2, 5, 6]
+    assert scaleup_set(cat, t, "related_without_task") == [2, 4, 5, 6, 30]
     everything = scaleup_set(cat, t, "all_data")
     assert 3 not in everything and len(everything) == len(cat.classification_subsets()) - 1
     unrelated = scaleup_set(cat, t, "all_unrelated")

@@ -14,7 +14,7 @@ trains on:
 - ``baseline_plus``: the same amount of data from Unrelated subsets (sharing no element);
   ``baseline``: the untrained model (no data); ``zero_overlap`` (CrossMed) is the same data as
   ``baseline_plus`` and is written as a note pointing there, not trained twice.
-- scale-up arms under one total cap: all_related, all_unrelated, related_wo_modality/_area/_task,
+- scale-up arms under one total cap: all_related, all_unrelated, related_without_modality/_area/_task,
   all_data.
 - limited target data: k target training records plus the Related (or Unrelated) companions.
 - in_distribution: the target's own training data (upper bound).
@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 
 ELEMENTS = ("modality", "area", "task")
 DIRECTIONS = ("fixed_modality", "fixed_area", "fixed_task", "modality_area")
-SCALEUP_ARMS = ("all_related", "all_unrelated", "related_wo_modality", "related_wo_area",
-                "related_wo_task", "all_data")
+# "related_without_*" (not "_wo_"): the search's warm start takes arms named related* / all_related
+# and leaves out names containing "without" (the ablations answer another question).
+SCALEUP_ARMS = ("all_related", "all_unrelated", "related_without_modality", "related_without_area",
+                "related_without_task", "all_data")
 # Fixed arm names (the DVC matrix enumerates them; a target that cannot have one gets a reason).
 TABLE3_ARMS = ("baseline", "baseline_plus") + tuple(f"related_{d}" for d in DIRECTIONS)
 ALL_ARMS = TABLE3_ARMS + SCALEUP_ARMS + ("limited", "zero_overlap", "in_distribution")
@@ -151,8 +153,8 @@ def scaleup_set(cat: Catalog, target: Target, arm: str) -> list[int]:
         out = [no for no in cands if shared[no]]
     elif arm == "all_unrelated":
         out = [no for no in cands if not shared[no]]
-    elif arm.startswith("related_wo_"):
-        element = arm.removeprefix("related_wo_")
+    elif arm.startswith("related_without_"):
+        element = arm.removeprefix("related_without_")
         out = [no for no in cands if shared[no] and element not in shared[no]]
     elif arm == "all_data":
         out = list(cands)
@@ -217,7 +219,8 @@ def build_designs(records: pd.DataFrame, target: Target, cfg: DesignsConfig,
     arms: dict[str, dict[str, Any]] = {}
 
     def unavailable(arm: str, reason: str) -> None:
-        arms[arm] = {"arm": arm, "status": "unavailable", "reason": reason}
+        # empty components keep the file a valid (empty) manifest for readers that glob *.json
+        arms[arm] = {"arm": arm, "status": "unavailable", "reason": reason, "components": {}}
 
     def write(arm: str, spec: dict[str, int], **extra: Any) -> None:
         try:
@@ -321,6 +324,8 @@ def write_designs(designs: list[dict[str, Any]], out_dir: str | os.PathLike, cfg
         entry = {"triplet": d["triplet"], "subset_no": d["subset_no"], "arms": {},
                  "splits": {k: len(v) for k, v in d["splits"].items()}}
         write_json(tdir / "splits.json", {"target": d["target"], "triplet": d["triplet"], **d["splits"]})
+        # dev.json: the search's objective split (medmat.search reads record_ids from it)
+        write_json(tdir / "dev.json", {"target": d["target"], "split": "dev", "record_ids": d["splits"]["dev"]})
         for arm, man in d["arms"].items():
             write_json(tdir / f"{arm}.json", man)
             summary = {"status": man["status"], "manifest": str((tdir / f"{arm}.json").as_posix())}
@@ -358,10 +363,19 @@ def parse_targets(text: str) -> list[str]:
     return [t.strip().strip("'\"") for t in str(text).strip().strip("[]").split(",") if t.strip()]
 
 
+def _param_targets(params_path: str) -> list[str]:
+    params = load_params(params_path) if Path(params_path).exists() else {}
+    targets = (params.get("experiment") or {}).get("targets")
+    if not targets:
+        raise ConfigError(f"{params_path}: no --targets given and no experiment.targets in the params file")
+    return [str(t) for t in (targets if isinstance(targets, list) else parse_targets(targets))]
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", required=True, help="records table (medmat ingest)")
-    parser.add_argument("--targets", required=True, help="comma-separated subset numbers or triplets, e.g. 3,28,6")
+    parser.add_argument("--targets", help="comma-separated subset numbers or triplets, e.g. 3,28,6 "
+                        "(default: experiment.targets of --params, so `dvc exp run -S experiment.targets=[...]` works)")
     parser.add_argument("--out", required=True, help="output folder (one sub-folder per target + designs.json)")
     parser.add_argument("--params", default="params.yaml", help="params file with the `designs:` section")
 
@@ -370,7 +384,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.params)
         cat = load_catalog()
-        targets = [resolve_target(t, cat) for t in parse_targets(args.targets)]
+        texts = parse_targets(args.targets) if args.targets else _param_targets(args.params)
+        targets = [resolve_target(t, cat) for t in texts]
     except (ConfigError, ValueError, LookupError) as exc:
         print(f"medmat designs: {exc}")
         return 2
