@@ -20,6 +20,7 @@ from medmat.evaluate import evaluate_backend
 from medmat.models import build, load
 from medmat.models.hf import DEFAULT_TARGET_MODULES, HFBackend, ModelPathError, build_hf, load_hf
 from medmat.models.tiny_hf import BUILDERS
+from medmat.train import TrainConfig, train_model
 
 FAMILIES = ["llava", "qwen2vl"]
 INSTR = "Answer with the option's letter from the given choices directly."
@@ -51,38 +52,38 @@ def checkpoint(request, tmp_path_factory):
     return request.param, BUILDERS[request.param](tmp_path_factory.mktemp(request.param) / "ckpt")
 
 
-def _train(backend: HFBackend, rows: list[dict], steps: int = 8, lr: float = 5e-3) -> list[float]:
-    """A short LoRA loop through the backend interface (what medmat.train drives)."""
-    torch.manual_seed(0)
-    params = [p for p in backend.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    backend.model.train()
-    losses = []
-    for step in range(steps):
-        batch = backend.collate(rows[(step * 4) % len(rows):][:4])
-        loss = backend.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+def _train(model_cfg: dict, df: pd.DataFrame, root, out_dir, steps: int = 10, lr: float = 5e-3) -> HFBackend:
+    """LoRA/full training through the platform's trainer (accelerate loop, checkpoints, final save)."""
+    cfg = TrainConfig(max_steps=steps, lr=lr, batch_size=4, warmup_steps=0, eval_every=0, eval_batch_size=6,
+                      checkpoint_every=5, progress=False, num_threads=2)
+    result = train_model(cfg, model_cfg, df, dev_df=df.iloc[:6], out_dir=out_dir, data_root=root)
+    assert result.steps == steps and np.isfinite(result.final_train_loss)
+    assert result.dev_history and result.dev_history[-1][0] == steps
+    return result.backend
+
+
+def _mean_loss(backend: HFBackend, rows: list[dict]) -> float:
+    with torch.no_grad():
+        backend.model.eval()
+        return float(backend.loss(backend.collate(rows)))
 
 
 def test_round_trip_load_lora_train_evaluate_save_reload(checkpoint, world, tmp_path):
     family, path = checkpoint
     root, df = world
-    backend = build({"backend": "hf", "hf": {"path": str(path), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}},
-                    data_root=root)
-    assert isinstance(backend, HFBackend)
-    trainable, total = backend.trainable_parameters()
-    assert 0 < trainable < total
-
+    model_cfg = {"backend": "hf", "hf": {"path": str(path), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}}
     rows = df.to_dict("records")
-    before = evaluate_backend(backend, df, scorer="likelihood", batch_size=6)
-    losses = _train(backend, rows, steps=10)
-    assert all(np.isfinite(losses))
-    # Same batches seen again after training: the loss on them went down.
-    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    untrained = build(model_cfg, data_root=root)  # LoRA B starts at zero: this is the base model's view
+    assert isinstance(untrained, HFBackend)
+    trainable, total = untrained.trainable_parameters()
+    assert 0 < trainable < total
+    before = evaluate_backend(untrained, df, scorer="likelihood", batch_size=6)
+    loss_before = _mean_loss(untrained, rows)
+
+    run = tmp_path / "run"
+    backend = _train(model_cfg, df, root, run)
+    assert _mean_loss(backend, rows) < loss_before  # it learned something about its training data
+    assert (run / "checkpoints").is_dir() and (run / "model" / "medmat_backend.json").is_file()
 
     after = evaluate_backend(backend, df, scorer="likelihood", batch_size=6)
     assert after.n == 12 and 0.0 <= after.accuracy <= 1.0
@@ -98,12 +99,13 @@ def test_round_trip_load_lora_train_evaluate_save_reload(checkpoint, world, tmp_
     info = json.loads((out / "medmat_backend.json").read_text())
     assert info["backend"] == "hf" and info["mode"] == "lora" and info["base_path"] == str(path.resolve())
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert not (out / "model.safetensors").exists()  # the base weights are referenced, not copied
+    assert not list(out.rglob("model.safetensors"))  # the base weights are referenced, not copied
 
-    reloaded = load(out, data_root=root)
-    again = evaluate_backend(reloaded, df, scorer="likelihood", batch_size=6)
-    assert [p["predicted_letter"] for p in again.predictions] == [p["predicted_letter"] for p in after.predictions]
-    np.testing.assert_allclose(reloaded.score_options(rows[:4]), scores, atol=1e-4)
+    for saved in (out, run / "model"):  # our save, and the trainer's final model
+        reloaded = load(saved, data_root=root)
+        again = evaluate_backend(reloaded, df, scorer="likelihood", batch_size=6)
+        assert [p["predicted_letter"] for p in again.predictions] == [p["predicted_letter"] for p in after.predictions]
+        np.testing.assert_allclose(reloaded.score_options(rows[:4]), scores, atol=1e-4)
     regen = evaluate_backend(reloaded, df, scorer="generate", batch_size=6)
     assert [p["raw_output"] for p in regen.predictions] == texts
 
@@ -142,17 +144,23 @@ def test_lora_adapts_only_the_language_model(checkpoint):
 def test_full_finetune_round_trip_freezes_the_vision_tower(world, tmp_path):
     root, df = world
     path = BUILDERS["llava"](tmp_path / "llava")
-    backend = build_hf({"path": str(path), "full_finetune": True, "freeze_vision": True,
-                        "gradient_checkpointing": True}, data_root=root)
-    grads = {n: p.requires_grad for n, p in backend.model.named_parameters()}
+    hf = {"path": str(path), "full_finetune": True, "freeze_vision": True, "gradient_checkpointing": True}
+    fresh = build_hf(hf, data_root=root)
+    grads = {n: p.requires_grad for n, p in fresh.model.named_parameters()}
     assert not any(v for n, v in grads.items() if "vision_tower" in n)
     assert all(v for n, v in grads.items() if "language_model" in n or "multi_modal_projector" in n)
     rows = df.to_dict("records")
-    _train(backend, rows, steps=2, lr=1e-3)
+    backend = _train({"backend": "hf", "hf": hf}, df, root, tmp_path / "run", steps=3, lr=1e-3)
+    # the frozen tower is bit-identical after training; the language model moved
+    trained = dict(backend.model.named_parameters())
+    for n, p in fresh.model.named_parameters():
+        same = torch.equal(p, trained[n])
+        assert same if "vision_tower" in n else True
+    assert not all(torch.equal(p, trained[n]) for n, p in fresh.model.named_parameters() if "language_model" in n)
     scores = backend.score_options(rows[:4])
-    backend.save(tmp_path / "full")
-    assert (tmp_path / "full" / "model" / "config.json").is_file()
-    reloaded = load_hf(tmp_path / "full", data_root=root)
+    info = json.loads((tmp_path / "run" / "model" / "medmat_backend.json").read_text())
+    assert info["mode"] == "full" and (tmp_path / "run" / "model" / "model" / "config.json").is_file()
+    reloaded = load_hf(tmp_path / "run" / "model", data_root=root)
     np.testing.assert_allclose(reloaded.score_options(rows[:4]), scores, atol=1e-4)
 
 
@@ -184,3 +192,21 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="dtype"):
         build_hf({"path": "x", "dtype": "fp8"})
     assert "language_model" in DEFAULT_TARGET_MODULES
+
+
+def test_gpu_benchmark_script_smoke_and_no_cuda_exit(tmp_path, monkeypatch, capsys):
+    """bench/gpu_lora_qwen2vl.py runs at tiny shape on the CPU and refuses the real shape without CUDA."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_bench", Path(__file__).resolve().parents[1] / "bench" / "gpu_lora_qwen2vl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "smoke.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["results"][0]["samples_per_s"] > 0 and report["params"]["lora_trainable"] > 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -394,7 +394,8 @@ class HFBackend:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             model = self.model
-            model = getattr(model, "module", model)  # unwrap DDP if the trainer left it wrapped
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # trainer left it wrapped
+                model = model.module
             if self.cfg.full_finetune:
                 model.save_pretrained(tmp / "model")
                 self.processor.save_pretrained(tmp / "model")
