@@ -1,0 +1,287 @@
+"""`tiny`: a small vision-language model trained from scratch on the CPU.
+
+Image side: a 3-stage CNN with instance normalisation. Text side: a word vocabulary built from the
+training records (unknown words -> UNK), bag-of-words embeddings of the question and of each option.
+The image+question vector is matched against every option's embedding; the loss is cross-entropy over
+the options (the answer only), and `generate` returns the best option's letter.
+
+Why these pieces (DESIGN.md, "what a throwaway experiment taught us"): reading an unseen modality
+needs invariance to each modality's intensity convention, so training augments with random intensity
+inversion and colour/grey jitter, and every image and feature map is instance-normalised. Options are
+scored through shared word embeddings, so a label word learned on one subset (say "covid" in X-ray)
+is the same vector when it appears in another subset's options (CT) — the compositional path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from medmat.config import ConfigError, from_dict
+
+PAD, UNK = "<pad>", "<unk>"
+_WORD = re.compile(r"[a-z0-9]+")
+# The Med-MAT prompt's last line is the same in every record: it carries no information.
+_INSTRUCTION = "answer with the option's letter from the given choices directly"
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    """params.yaml `model.tiny`."""
+
+    image_size: int = 32  # images are resized to image_size x image_size RGB
+    channels: tuple = (16, 32, 64)  # CNN widths, one stride-2 stage each
+    embed_dim: int = 64  # word and joint embedding width
+    hidden: int = 128
+    min_word_count: int = 1  # words seen fewer times in training map to UNK
+    augment: bool = True  # train-time inversion + colour/grey jitter (modality invariance)
+    invert_p: float = 0.5
+    grey_p: float = 0.3
+    jitter: float = 0.3  # per-channel gain / contrast range +-jitter
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.image_size < 8 or not self.channels or self.embed_dim < 1:
+            raise ValueError("image_size >= 8, channels non-empty and embed_dim >= 1 required")
+
+
+def tokenize(text: str) -> list[str]:
+    return _WORD.findall(str(text).lower().replace(_INSTRUCTION, " "))
+
+
+def _options(row: dict) -> list[str]:
+    opts = row.get("options")
+    if opts is None:
+        raise ValueError(f"record {row.get('record_id', '?')}: no options")
+    return [str(o) for o in list(opts)]
+
+
+def _answer_index(row: dict) -> int:
+    letter = str(row.get("answer_letter", "")).strip().upper()
+    idx = ord(letter) - ord("A") if len(letter) == 1 else -1
+    if not 0 <= idx < len(_options(row)):
+        raise ValueError(
+            f"record {row.get('record_id', '?')}: answer letter {letter!r} is not one of its "
+            f"{len(_options(row))} options"
+        )
+    return idx
+
+
+def _question(row: dict) -> str:
+    q = row.get("question")
+    return str(q) if q is not None and str(q) else str(row.get("question_choice", "")).split("\n", 1)[0]
+
+
+class TinyVLM(nn.Module):
+    def __init__(self, cfg: TinyConfig, vocab_size: int):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in cfg.channels:
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                nn.InstanceNorm2d(c, affine=True),
+                nn.GELU(),
+            ]
+            c_in = c
+        self.cnn = nn.Sequential(*layers)
+        self.img_proj = nn.Linear(c_in, cfg.embed_dim)
+        # One word table for questions and options: a word means the same on both sides.
+        self.words = nn.EmbeddingBag(vocab_size, cfg.embed_dim, mode="mean", padding_idx=0)
+        self.joint = nn.Sequential(
+            nn.Linear(3 * cfg.embed_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.embed_dim)
+        )
+        self.opt_bias = nn.Linear(cfg.embed_dim, 1)  # a per-option prior (label frequency)
+        self.cfg = cfg
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample intensity inversion, greyscale and colour/contrast jitter (x in [0, 1])."""
+        cfg, b = self.cfg, x.shape[0]
+        dev = x.device
+        inv = (torch.rand(b, 1, 1, 1, device=dev) < cfg.invert_p).to(x.dtype)
+        x = inv * (1 - x) + (1 - inv) * x
+        grey = (torch.rand(b, 1, 1, 1, device=dev) < cfg.grey_p).to(x.dtype)
+        x = grey * x.mean(1, keepdim=True).expand_as(x) + (1 - grey) * x
+        gain = 1 + cfg.jitter * (2 * torch.rand(b, 3, 1, 1, device=dev) - 1)
+        contrast = 1 + cfg.jitter * (2 * torch.rand(b, 1, 1, 1, device=dev) - 1)
+        mean = x.mean((1, 2, 3), keepdim=True)
+        return ((x * gain - mean) * contrast + mean).clamp(0, 1)
+
+    def forward(self, images, q_ids, q_offsets, o_ids, o_offsets, o_mask):
+        x = images.float() / 255.0
+        if self.training and self.cfg.augment:
+            x = self.augment(x)
+        # Instance-normalise the input too: each modality's overall brightness/contrast is removed.
+        x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)
+        img = self.img_proj(self.cnn(x).mean((2, 3)))
+        q = self.words(q_ids, q_offsets)
+        h = self.joint(torch.cat([img, q, img * q], dim=1))  # (B, D)
+        b, k = o_mask.shape
+        o = self.words(o_ids, o_offsets).view(b, k, -1)  # (B, K, D)
+        scores = torch.einsum("bd,bkd->bk", h, o) / math.sqrt(h.shape[1]) + self.opt_bias(o).squeeze(-1)
+        return scores.masked_fill(~o_mask, float("-inf"))
+
+
+class TinyBackend:
+    """The `tiny` backend (interface in medmat.models)."""
+
+    name = "tiny"
+
+    def __init__(self, cfg: TinyConfig, data_root: str | os.PathLike | None = None, vocab: list[str] | None = None):
+        self.cfg = cfg
+        self.data_root = Path(data_root) if data_root else None
+        self.vocab = list(vocab) if vocab else [PAD, UNK]
+        self.word_index = {w: i for i, w in enumerate(self.vocab)}
+        self.model = TinyVLM(cfg, len(self.vocab))
+        # Decoded, resized images as uint8 (3, S, S), loaded once per run: every epoch reads the same PNGs.
+        self._images: dict[str, torch.Tensor] = {}
+
+    # -- vocabulary -------------------------------------------------------------------------------
+    def prepare_training(self, train_df) -> None:
+        """Build the word vocabulary from the training records and a fresh model sized to it."""
+        counts: dict[str, int] = {}
+        for row in _iter_rows(train_df):
+            for w in tokenize(_question(row)) + [t for o in _options(row) for t in tokenize(o)]:
+                counts[w] = counts.get(w, 0) + 1
+        words = sorted(w for w, n in counts.items() if n >= self.cfg.min_word_count)
+        self.vocab = [PAD, UNK] + words
+        self.word_index = {w: i for i, w in enumerate(self.vocab)}
+        self.model = TinyVLM(self.cfg, len(self.vocab))
+
+    def _ids(self, text: str) -> list[int]:
+        ids = [self.word_index.get(w, 1) for w in tokenize(text)]
+        return ids or [1]  # an empty bag would embed to zero; UNK at least is learned
+
+    # -- images -----------------------------------------------------------------------------------
+    def _image_path(self, row: dict) -> str:
+        p = row.get("image_path")
+        if p is not None and str(p):
+            return str(p)
+        if self.data_root is None:
+            raise ValueError(f"record {row.get('record_id', '?')}: no image_path and no data_root to resolve 'image'")
+        return str(self.data_root / str(row["image"]))
+
+    def image_tensor(self, row: dict) -> torch.Tensor:
+        path = self._image_path(row)
+        img = self._images.get(path)
+        if img is None:
+            try:
+                from medmat.data.images import load_image
+            except ImportError:  # data layer not installed alongside: plain PIL
+                from PIL import Image
+
+                def load_image(p):
+                    with Image.open(p) as im:
+                        return im.convert("RGB")
+
+            try:
+                pil = load_image(path)
+            except Exception as exc:
+                raise ValueError(f"record {row.get('record_id', '?')}: cannot read image {path}: {exc}") from exc
+            s = self.cfg.image_size
+            pil = pil.convert("RGB").resize((s, s), resample=2)  # 2 = bilinear
+            img = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            self._images[path] = img
+        return img
+
+    # -- interface --------------------------------------------------------------------------------
+    def collate(self, rows: Iterable[dict]) -> dict[str, torch.Tensor]:
+        rows = list(rows)
+        k = max(len(_options(r)) for r in rows)
+        q_ids, q_off, o_ids, o_off, labels = [], [], [], [], []
+        mask = torch.zeros(len(rows), k, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            q_off.append(len(q_ids))
+            q_ids += self._ids(_question(r))
+            opts = _options(r)
+            mask[i, : len(opts)] = True
+            for j in range(k):
+                o_off.append(len(o_ids))
+                o_ids += self._ids(opts[j]) if j < len(opts) else [0]
+            labels.append(_answer_index(r) if r.get("answer_letter") not in (None, "") else -100)
+        return {
+            "images": torch.stack([self.image_tensor(r) for r in rows]),
+            "q_ids": torch.tensor(q_ids),
+            "q_offsets": torch.tensor(q_off),
+            "o_ids": torch.tensor(o_ids),
+            "o_offsets": torch.tensor(o_off),
+            "o_mask": mask,
+            "labels": torch.tensor(labels),
+        }
+
+    def _scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
+            batch["images"], batch["q_ids"], batch["q_offsets"], batch["o_ids"], batch["o_offsets"], batch["o_mask"]
+        )
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy over the options: the loss falls on the answer only."""
+        return F.cross_entropy(self._scores(batch), batch["labels"], ignore_index=-100)
+
+    @torch.no_grad()
+    def score_options(self, rows: Iterable[dict]) -> list[list[float]]:
+        rows = list(rows)
+        was = self.model.training
+        self.model.eval()
+        try:
+            logp = torch.log_softmax(self._scores(self.collate(rows)), dim=1)
+        finally:
+            self.model.train(was)
+        return [logp[i, : len(_options(r))].tolist() for i, r in enumerate(rows)]
+
+    def generate(self, rows: Iterable[dict]) -> list[str]:
+        return [chr(ord("A") + int(np.argmax(s))) for s in self.score_options(rows)]
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        from medmat.models import write_backend_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        (out / "vocab.json").write_text(json.dumps(self.vocab), encoding="utf-8")
+        cfg = dataclasses.asdict(self.cfg)
+        cfg["channels"] = list(cfg["channels"])
+        write_backend_file(out, "tiny", tiny=cfg)  # written last: its presence marks a complete save
+
+
+def _iter_rows(df) -> Iterable[dict]:
+    if hasattr(df, "to_dict"):
+        return df.to_dict("records")
+    return df
+
+
+def build(cfg: dict | TinyConfig, data_root=None) -> TinyBackend:
+    if not isinstance(cfg, TinyConfig):
+        cfg = from_dict(TinyConfig, cfg, where="model.tiny")
+    return TinyBackend(cfg, data_root=data_root)
+
+
+def load(model_dir: str | os.PathLike, data_root=None) -> TinyBackend:
+    from safetensors.torch import load_file
+
+    from medmat.models import read_backend_file
+
+    info = read_backend_file(model_dir)
+    cfg = from_dict(TinyConfig, info.get("tiny"), where=f"{model_dir}: tiny config")
+    try:
+        vocab = json.loads((Path(model_dir) / "vocab.json").read_text(encoding="utf-8"))
+        state = load_file(str(Path(model_dir) / "model.safetensors"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{model_dir}: incomplete tiny model ({exc.filename} missing)") from None
+    backend = TinyBackend(cfg, data_root=data_root, vocab=vocab)
+    backend.model.load_state_dict(state)
+    backend.model.eval()
+    return backend

@@ -1,0 +1,503 @@
+"""Training: one model on one mixture, tracked in MLflow, checkpointed, resumable, `accelerate`-ready.
+
+    medmat train --records work/records.parquet --manifest RUN_DIR/manifest.json --out RUN_DIR \
+        [--params params.yaml] [--dev-manifest FILE] [--target 03 --arm related-fixed_area --seed 0] \
+        [--max-steps 400 --lr 3e-3 ...]
+    accelerate launch --num_processes 2 [--cpu] -m medmat.cli train ...     # several processes
+
+Determinism and resumption: the order of the training data is a pure function of (seed, epoch,
+micro-batch), so a run restarted from a checkpoint (model, optimiser, scheduler and RNG states, saved
+through `Accelerator.save_state` into a temp folder, fsynced, then renamed into place) replays exactly
+the steps an uninterrupted run would have taken and ends with the same weights and metrics (CPU, fixed
+seed, same thread count).
+
+`batch_size` is the global micro-batch (shared out over the processes); an optimiser step takes
+`grad_accum` micro-batches, so the effective batch is batch_size x grad_accum whatever the process count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medmat.config import ConfigError, from_dict, load_params
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """params.yaml `train:` section."""
+
+    epochs: float = 1.0  # used when max_steps is 0
+    max_steps: int = 0  # > 0: train exactly this many optimiser steps
+    lr: float = 3e-3
+    batch_size: int = 64  # global micro-batch, shared out over processes
+    grad_accum: int = 1  # micro-batches per optimiser step
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0: no clipping
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr x this
+    seed: int = 0
+    eval_every: int = 100  # dev evaluation every N steps (and at the end); 0: only at the end
+    eval_batch_size: int = 256
+    checkpoint_every: int = 100  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 20  # train loss to MLflow every N steps
+    # torch threads per process. 1 by default: many short runs share the machine (search workers, DVC
+    # stages), and with 2 threads on a busy 2-core box OpenMP spinning made a step ~10x slower.
+    # 0: the machine's cores / local processes.
+    num_threads: int = 1
+    progress: bool = True  # tqdm bar (only on a terminal, only on the main process)
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs <= 0):
+            raise ValueError("need max_steps > 0 or epochs > 0")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    backend: Any
+    steps: int
+    dev_history: list  # [(step, dev_accuracy), ...]
+    final_dev_accuracy: float | None
+    final_train_loss: float | None
+    run_id: str | None = None
+    resumed_from: int | None = None  # step of the checkpoint this invocation started from
+    samples_per_s: float = 0.0
+    wall_s: float = 0.0
+    n_train: int = 0
+
+    def metrics(self) -> dict[str, Any]:
+        """What train_metrics.json holds."""
+        return {
+            "steps": self.steps,
+            "final_train_loss": self.final_train_loss,
+            "final_dev_accuracy": self.final_dev_accuracy,
+            "dev_history": [list(x) for x in self.dev_history],
+            "n_train": self.n_train,
+            "run_id": self.run_id,
+            "resumed_from": self.resumed_from,
+            "samples_per_s": round(self.samples_per_s, 1),
+            "wall_s": round(self.wall_s, 2),
+        }
+
+
+# ------------------------------------------------------------------------------------ small helpers
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put folder `tmp` at `final` atomically enough: a reader sees the old or the new, never half."""
+    _fsync_tree(tmp)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _to_device(batch: Any, device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch  # tensors, HF BatchFeature
+
+
+def _rows(df) -> list[dict]:
+    return df.to_dict("records") if hasattr(df, "to_dict") else list(df)
+
+
+def checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under RUN_DIR/checkpoints, oldest first (temp folders are ignored)."""
+    root = Path(out_dir) / "checkpoints"
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        if (p / STATE_FILE).is_file() and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def fingerprint(train_cfg: TrainConfig, model_cfg, record_ids: list[str]) -> str:
+    """What a checkpoint must match to be resumed: the training maths, the model and the data."""
+    keep = dataclasses.asdict(train_cfg)
+    for k in ("eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "progress"):
+        keep.pop(k)
+    blob = json.dumps([keep, dataclasses.asdict(model_cfg), sorted(map(str, record_ids))], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dev_accuracy(backend, dev_rows: list[dict], batch_size: int = 256) -> float:
+    """Accuracy of the likelihood scorer (argmax over option scores) on the dev rows."""
+    try:
+        from medmat.evaluate import evaluate_backend
+    except ImportError:
+        evaluate_backend = None
+    if evaluate_backend is not None:
+        import pandas as pd
+
+        return float(evaluate_backend(backend, pd.DataFrame(dev_rows), scorer="likelihood").accuracy)
+    correct = 0
+    for i in range(0, len(dev_rows), batch_size):
+        chunk = dev_rows[i : i + batch_size]
+        for row, scores in zip(chunk, backend.score_options(chunk)):
+            correct += int(chr(ord("A") + int(np.argmax(scores))) == str(row["answer_letter"]).strip().upper())
+    return correct / max(1, len(dev_rows))
+
+
+class _Order:
+    """Training order as a pure function of (seed, epoch, micro-batch): resuming needs no sampler state."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        import torch
+
+        self.n, self.bs, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = n // self.bs  # drop the ragged tail: every micro-batch has the same size
+        self._torch = torch
+        self._epoch, self._perm = -1, None
+
+    def batch(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            g = self._torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = self._torch.randperm(self.n, generator=g).tolist(), epoch
+        return self._perm[j * self.bs : (j + 1) * self.bs]
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+# ------------------------------------------------------------------------------------------- core
+
+
+def train_model(
+    train_cfg: TrainConfig,
+    model_cfg,
+    train_df,
+    dev_df=None,
+    out_dir: str | os.PathLike | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+    tracking=None,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    data_root: str | os.PathLike | None = None,
+    manifest: dict | None = None,
+    params: dict | None = None,
+) -> TrainResult:
+    """Train a backend on `train_df` (records-table rows).
+
+    - `on_eval(step, dev_accuracy)` is called at every dev evaluation; an exception there (e.g.
+      optuna.TrialPruned) stops training and propagates (the MLflow run records how it ended).
+    - `out_dir`: checkpoints, the final model (`model/`), `train_metrics.json`, `mlflow_run_id`;
+      a complete checkpoint there is resumed from. None: nothing is written (quick in-memory runs).
+    - `tracking`: a medmat.tracking.TrackingConfig to log to MLflow, or None.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from medmat.models import build, model_config
+
+    model_cfg = model_config(model_cfg)
+    # The scheduler steps once per optimiser step whatever the process count (accelerate's default
+    # steps it num_processes times), so one and two processes follow the same schedule.
+    accel = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
+    main = accel.is_main_process
+    if accel.device.type == "cpu":
+        threads = train_cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, accel.num_processes))
+        torch.set_num_threads(threads)
+
+    train_rows = _rows(train_df)
+    dev_rows = _rows(dev_df) if dev_df is not None and len(dev_df) else []
+    if not train_rows:
+        raise ValueError("no training records (empty mixture?)")
+    record_ids = [str(r.get("record_id", i)) for i, r in enumerate(train_rows)]
+    fp = fingerprint(train_cfg, model_cfg, record_ids)
+
+    order = _Order(len(train_rows), train_cfg.batch_size, train_cfg.seed)
+    if order.bs % accel.num_processes:
+        raise ValueError(f"batch_size {order.bs} is not divisible by {accel.num_processes} processes")
+    total = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * order.per_epoch / train_cfg.grad_accum))
+
+    # Seed everything before the model is built: its initial weights are part of the run.
+    random.seed(train_cfg.seed)
+    np.random.seed(train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)
+    backend = build(model_cfg, data_root)
+    if hasattr(backend, "prepare_training"):
+        backend.prepare_training(train_df)
+    model = backend.model
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train_cfg.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(train_cfg.warmup_steps, total, train_cfg.min_lr_ratio)
+    )
+    model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
+    backend.model = model  # the backend's loss() now runs through the (possibly DDP-wrapped) module
+
+    # ---- resume from the last complete checkpoint ---------------------------------------------------
+    out = Path(out_dir) if out_dir is not None else None
+    start, dev_history, last_loss, resumed_from, run_id = 0, [], None, None, None
+    ckpts = checkpoints(out) if out is not None else []
+    if ckpts:
+        state = json.loads((ckpts[-1] / STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("fingerprint") != fp:
+            raise ConfigError(
+                f"{ckpts[-1]}: checkpoint was written by a different training setup (params or records "
+                "changed); remove the run folder or restore the params to resume"
+            )
+        accel.load_state(str(ckpts[-1]))
+        start = resumed_from = int(state["step"])
+        dev_history = [tuple(x) for x in state["dev_history"]]
+        last_loss = state.get("last_loss")
+        log.info("resuming from %s (step %d of %d)", ckpts[-1], start, total)
+    if out is not None and tracking is not None:
+        from medmat.tracking import read_run_id
+
+        run_id = read_run_id(out)
+
+    # ---- tracking (main process only) ------------------------------------------------------------
+    tracker = None
+    if tracking is not None and main:
+        from medmat import tracking as trk
+
+        tracker = trk
+        if tags is None:
+            tags = trk.run_tags(backend=model_cfg.backend, seed=train_cfg.seed)
+        all_params = {"train": train_cfg, "model": model_cfg, "n_train": len(train_rows),
+                      "num_processes": accel.num_processes, **(params or {})}
+        run_ctx = trk.tracked_run(tracking, run_name=run_name or (out.name if out else None), tags=tags,
+                                  params=all_params, run_id=run_id)
+    else:
+        run_ctx = contextlib.nullcontext(None)
+
+    with run_ctx as run:
+        if run is not None:
+            run_id = run.info.run_id
+            if out is not None:
+                tracker.write_run_id(out, run_id)
+            if manifest is not None and resumed_from is None:
+                tracker.log_mixture(manifest, tracker.data_version())
+
+        def evaluate_now(step: int) -> None:
+            if not dev_rows:
+                return
+            with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
+                acc = dev_accuracy(backend, dev_rows, train_cfg.eval_batch_size)
+            model.train()
+            dev_history.append((step, acc))
+            if tracker is not None:
+                tracker.log_metrics({"dev_accuracy": acc}, step=step)
+            if on_eval is not None:
+                on_eval(step, acc)
+
+        def save_checkpoint(step: int) -> None:
+            root = out / "checkpoints"
+            tmp = root / f".tmp-step-{step}"
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
+                root.mkdir(parents=True, exist_ok=True)
+            accel.wait_for_everyone()
+            accel.save_state(str(tmp))
+            accel.wait_for_everyone()  # every process has written its RNG state
+            if main:
+                write_json_atomic(tmp / STATE_FILE, {"step": step, "dev_history": dev_history,
+                                                     "last_loss": last_loss, "fingerprint": fp,
+                                                     "run_id": run_id})
+                _replace_dir(tmp, root / f"step-{step}")
+                for old in checkpoints(out)[: -train_cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+            accel.wait_for_everyone()
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (train_cfg.progress and main and sys.stderr.isatty()))
+        model.train()
+        t0, samples = time.perf_counter(), 0
+        world, rank, ga = accel.num_processes, accel.process_index, train_cfg.grad_accum
+        for step in range(start, total):
+            step_loss = 0.0
+            for micro in range(ga):
+                idx = order.batch(step * ga + micro)[rank::world]
+                batch = _to_device(backend.collate([train_rows[i] for i in idx]), accel.device)
+                sync = micro == ga - 1
+                with contextlib.nullcontext() if sync else accel.no_sync(model):
+                    loss = backend.loss(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"training loss is {loss.item()} at step {step + 1} (diverged; "
+                                                 f"lower lr={train_cfg.lr}?)")
+                    accel.backward(loss / ga)
+                step_loss += loss.item() / ga
+                samples += len(idx) * world
+            if train_cfg.max_grad_norm > 0:
+                accel.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = step_loss
+            done = step + 1
+            bar.update(1)
+            if tracker is not None and (done % train_cfg.log_every == 0 or done == total):
+                tracker.log_metrics({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=done)
+            if (train_cfg.eval_every and done % train_cfg.eval_every == 0) or done == total:
+                evaluate_now(done)
+            if out is not None and train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0:
+                save_checkpoint(done)
+        bar.close()
+        wall = time.perf_counter() - t0
+
+        backend.model = accel.unwrap_model(model)
+        backend.model.eval()
+        result = TrainResult(
+            backend=backend, steps=total, dev_history=dev_history,
+            final_dev_accuracy=dev_history[-1][1] if dev_history else None, final_train_loss=last_loss,
+            run_id=run_id, resumed_from=resumed_from, samples_per_s=samples / wall if wall > 0 else 0.0,
+            wall_s=wall, n_train=len(train_rows),
+        )
+        if out is not None and main:
+            tmp = out / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            backend.save(tmp)
+            _replace_dir(tmp, out / "model")
+            write_json_atomic(out / "train_metrics.json", result.metrics())
+            if tracker is not None:
+                tracker.log_metrics({"train_samples_per_s": result.samples_per_s, "train_wall_s": wall})
+                tracker.log_model(out / "model")
+        accel.wait_for_everyone()
+    return result
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+_OVERRIDES = {  # CLI flag -> TrainConfig field
+    "max_steps": int, "epochs": float, "lr": float, "batch_size": int, "grad_accum": int,
+    "warmup_steps": int, "eval_every": int, "checkpoint_every": int, "num_threads": int,
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--records", required=True, help="records table (records.parquet from `medmat ingest`)")
+    parser.add_argument("--manifest", required=True, help="mixture manifest (or bare spec) selecting the training records")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints/, model/, train_metrics.json, mlflow_run_id")
+    parser.add_argument("--params", default="params.yaml", help="parameter file (sections model, train, tracking)")
+    parser.add_argument("--dev-manifest", help="manifest selecting the dev records (evaluated every eval_every steps)")
+    parser.add_argument("--target", help="target subset/triplet (MLflow tag)")
+    parser.add_argument("--arm", help="experiment arm (MLflow tag)")
+    parser.add_argument("--seed", type=int, help="override train.seed")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    for name, typ in _OVERRIDES.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override train.{name}")
+
+
+def _read_records(path: Path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: records table not found (run `medmat ingest` first)")
+    meta = pq.read_schema(path).metadata or {}
+    root = meta.get(b"medmat.data_root")
+    return pd.read_parquet(path), (root.decode() if root else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medmat.mixture import MixtureError, load_manifest, select_manifest
+    from medmat.models import ModelConfig
+
+    try:
+        params = load_params(args.params)
+        train_values = dict(params.get("train") or {})
+        for name in _OVERRIDES:
+            if getattr(args, name, None) is not None:
+                train_values[name] = getattr(args, name)
+        if args.seed is not None:
+            train_values["seed"] = args.seed
+        train_cfg = from_dict(TrainConfig, train_values, where=f"{args.params}: section 'train'")
+        model_cfg = from_dict(ModelConfig, params.get("model"), where=f"{args.params}: section 'model'")
+        tracking = None
+        if not args.no_tracking:
+            from medmat.tracking import TrackingConfig, run_tags
+
+            tracking = from_dict(TrackingConfig, params.get("tracking"), where=f"{args.params}: section 'tracking'")
+        records, data_root = _read_records(Path(args.records))
+        manifest = load_manifest(args.manifest)
+        train_df = select_manifest(records, manifest, where=args.manifest)
+        dev_df = None
+        if args.dev_manifest:
+            dev_df = select_manifest(records, load_manifest(args.dev_manifest), where=args.dev_manifest)
+    except (ConfigError, MixtureError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    tags = None
+    if tracking is not None:
+        tags = run_tags(target=args.target, arm=args.arm, backend=model_cfg.backend, seed=train_cfg.seed)
+    name = "/".join(str(x) for x in (args.target, args.arm, f"seed{train_cfg.seed}") if x is not None)
+    result = train_model(
+        train_cfg, model_cfg, train_df, dev_df=dev_df, out_dir=args.out, tracking=tracking,
+        run_name=name, tags=tags, data_root=data_root, manifest=manifest,
+        params={"manifest_sha256": manifest.get("sha256", "")},
+    )
+    log.info("trained %d steps on %d records: dev accuracy %s, %.0f samples/s -> %s",
+             result.steps, result.n_train, result.final_dev_accuracy, result.samples_per_s, args.out)
+    return 0
