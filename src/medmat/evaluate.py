@@ -62,7 +62,10 @@ def wilson_ci(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # At k = 0 or k = n the bound is exactly 0 or 1; floating point would give 0.9999999999999999.
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return (lo, hi)
 
 
 # -------------------------------------------------------------------------------- letter parser
@@ -450,19 +453,10 @@ def select_records(records_path: str, target: int | None, split: str, manifest: 
         if col not in df.columns:
             raise ValueError(f"{path}: records table lacks column {col!r}")
     if manifest:
-        mpath = Path(manifest)
-        try:
-            spec = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{mpath}: cannot read manifest ({exc})") from exc
-        ids = spec.get("record_ids") if isinstance(spec, dict) else None
-        if not ids:
-            raise ValueError(f"{mpath}: manifest has no record_ids (a resolved manifest is needed)")
-        by_id = df.set_index("record_id", drop=False)
-        missing = [i for i in ids if i not in by_id.index]
-        if missing:
-            raise ValueError(f"{mpath}: {len(missing)} record id(s) not in {path}, e.g. {missing[:3]}")
-        sel = by_id.loc[list(ids)].reset_index(drop=True)
+        from medmat.mixture import load_manifest, select_manifest
+
+        # A resolved manifest (record_ids, checked against its hash) or a bare spec resolved afresh.
+        sel = select_manifest(df, load_manifest(manifest), where=str(manifest))
     else:
         sub = pd.to_numeric(df["subset_no"], errors="coerce")
         sel = df[(sub == int(target)) & (df["split"] == split)].reset_index(drop=True)
@@ -501,7 +495,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     untrained = args.model == "untrained"
-    result = evaluate_backend(backend, df, scorer=scorer, batch_size=batch_size)
+    try:
+        result = evaluate_backend(backend, df, scorer=scorer, batch_size=batch_size)
+    except ValueError as exc:  # a bad record or unreadable image: the message names the record
+        log.error("%s: %s", args.records, exc)
+        return 2
     out = Path(args.out)
     extra = {
         "model": args.model,
