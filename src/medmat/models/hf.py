@@ -75,7 +75,7 @@ class HFConfig:
     gradient_checkpointing: bool = False
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is there, else cpu
-    max_length: int = 2048  # prompts are truncated from the left of the question text if longer
+    max_length: int = 2048  # a longer prompt + answer is an error naming the record (never silently cut)
     image_size: int | None = None  # resize images to this square first (None: the processor decides)
     max_new_tokens: int = 8  # generate scorer: enough for "B", "(B)", "The answer is B"
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers default
@@ -180,6 +180,12 @@ def wrap_lora(model, lora: LoraConfig, train_projector: bool = True):
     return peft.get_peft_model(model, pcfg)
 
 
+def _is_per_token(key: str, value: torch.Tensor, prompt_len: int) -> bool:
+    """A processor output aligned with the prompt's tokens (shape (1, prompt_len, ...))."""
+    return (not key.startswith("pixel") and value.ndim >= 2 and value.shape[0] == 1
+            and value.shape[1] == prompt_len)
+
+
 class HFBackend:
     """A local image-text-to-text checkpoint behind the medmat backend interface."""
 
@@ -275,45 +281,45 @@ class HFBackend:
         """Prompt (+ answer) token ids, image tensors and answer-only labels for a list of records.
 
         `answers=None` uses each record's answer letter; `answers=[""]*n` builds prompts only.
+        Each record's prompt is encoded by the processor on its own (it expands the image placeholder
+        into the right number of image tokens), then the answer ids are appended: tokenising prompt and
+        answer separately keeps the answer's tokens identical whatever the template ends with.
         """
         answers = [r["answer_letter"] for r in rows] if answers is None else answers
-        seqs, extras = [], []
+        seqs, images = [], []
         for row, ans in zip(rows, answers):
             enc = self._encode_prompt(row)
             prompt = enc.pop("input_ids")[0]
             enc.pop("attention_mask", None)
-            mm = enc.pop("mm_token_type_ids", None)
             ans_ids = torch.tensor(self._answer_ids(ans, with_eos) if ans else [], dtype=torch.long)
             ids = torch.cat([prompt, ans_ids])
             if len(ids) > self.cfg.max_length:
                 raise ValueError(f"record {row.get('record_id', '?')}: {len(ids)} tokens > model.hf.max_length "
                                  f"{self.cfg.max_length} (raise max_length or set image_size)")
-            labels = torch.cat([torch.full_like(prompt, -100), ans_ids])
-            mm_ids = None if mm is None else torch.cat([mm[0], torch.zeros_like(ans_ids)])
-            seqs.append((ids, labels, mm_ids))
-            extras.append(enc)
-        width = max(len(s[0]) for s in seqs)
-        pad = self.tokenizer.pad_token_id
+            # Per-token tensors besides input_ids (Qwen2-VL mm_token_type_ids; token_type_ids or
+            # cross_attention_mask in other families) are extended over the answer with their last
+            # value: answer tokens are text that sees the image like the prompt's last token does.
+            per_token = {k: v[0] for k, v in enc.items() if _is_per_token(k, v, len(prompt))}
+            for k in per_token:
+                enc.pop(k)
+            per_token = {k: torch.cat([v, v[-1:].expand(len(ans_ids), *v.shape[1:])]) for k, v in per_token.items()}
+            seqs.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                         "labels": torch.cat([torch.full_like(prompt, -100), ans_ids]), **per_token})
+            images.append(enc)
+        width = max(len(s["input_ids"]) for s in seqs)
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
         batch: dict[str, torch.Tensor] = {}
-        out_ids, out_mask, out_labels, out_mm = [], [], [], []
-        for ids, labels, mm_ids in seqs:
-            n = width - len(ids)
-            fill = lambda t, v: (torch.cat([t, t.new_full((n,), v)]) if padding_side == "right"  # noqa: E731
-                                 else torch.cat([t.new_full((n,), v), t]))
-            out_ids.append(fill(ids, pad))
-            out_mask.append(fill(torch.ones_like(ids), 0))
-            out_labels.append(fill(labels, -100))
-            if mm_ids is not None:
-                out_mm.append(fill(mm_ids, 0))
-        batch["input_ids"] = torch.stack(out_ids)
-        batch["attention_mask"] = torch.stack(out_mask)
-        batch["labels"] = torch.stack(out_labels)
-        if out_mm:
-            batch["mm_token_type_ids"] = torch.stack(out_mm)
+        for key in seqs[0]:
+            padded = []
+            for s in seqs:
+                t = s[key]
+                fill = t.new_full((width - len(t), *t.shape[1:]), pad_values.get(key, 0))
+                padded.append(torch.cat([t, fill] if padding_side == "right" else [fill, t]))
+            batch[key] = torch.stack(padded)
         # Image tensors: LLaVA (1, 3, H, W) per image; Qwen2-VL (patches, dim) + grid (1, 3) — all
         # concatenate along the first axis in record order.
-        for key in extras[0]:
-            batch[key] = torch.cat([e[key] for e in extras])
+        for key in images[0]:
+            batch[key] = torch.cat([e[key] for e in images])
         return batch
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
