@@ -186,7 +186,8 @@ def dev_accuracy(backend, dev_rows: list[dict], batch_size: int = 256) -> float:
     if evaluate_backend is not None:
         import pandas as pd
 
-        return float(evaluate_backend(backend, pd.DataFrame(dev_rows), scorer="likelihood").accuracy)
+        res = evaluate_backend(backend, pd.DataFrame(dev_rows), scorer="likelihood", batch_size=batch_size, progress=False)
+        return float(res.accuracy)
     correct = 0
     for i in range(0, len(dev_rows), batch_size):
         chunk = dev_rows[i : i + batch_size]
