@@ -191,38 +191,3 @@ def test_outputs_best_mixture_and_history(tmp_path):
 def test_trials_to_reach():
     assert search.trials_to_reach([0.1, None, 0.5, 0.7], 0.5) == 3
     assert search.trials_to_reach([0.1, 0.2], 0.5) is None
-
-
-def test_optuna_dashboard_answers_for_the_study(tmp_path):
-    import socket
-    import urllib.request
-
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = search.open_study("medmat-search-03", storage)
-    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("optuna-dashboard")
-    proc = subprocess.Popen([str(exe), storage, "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
-    try:
-        body = None
-        deadline = time.time() + 40
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                    body = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(0.3)
-        assert body is not None, "optuna-dashboard did not answer"
-        names = [s["study_name"] for s in body["study_summaries"]]
-        assert "medmat-search-03" in names
-        study_id = body["study_summaries"][names.index("medmat-search-03")]["study_id"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=5) as r:
-            detail = json.loads(r.read())
-        assert len(detail["trials"]) == 2
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -457,6 +456,7 @@ class TargetProblem:
     dev_df: Any                 # target dev split
     space: MixtureSpace
     warm: dict[str, dict[str, int]]
+    data_root: str | None = None
 
 
 def _designs_target_dir(designs: Path, target: str) -> Path:
@@ -464,44 +464,39 @@ def _designs_target_dir(designs: Path, target: str) -> Path:
 
 
 def load_designs(designs: Path, target: str) -> tuple[dict[str, dict[str, int]], list[str] | None]:
-    """Warm-start mixtures (Related per direction type, All Related) and dev record ids from designs.
+    """Warm-start mixtures and the dev split from `medmat designs` output (`<designs>/<target>/`).
 
-    Reads `<designs>/<target>/index.json` when helper `medmat designs` wrote one, else every
-    `*.json` manifest below the target folder whose arm name starts with `related` or is `all_related`.
+    Warm start = the Related arms of each direction type (`related_<direction>.json`) and All Related
+    (`all_related.json`) whose status is ok; not the ablations (`related_wo_*`) nor limited-data arms,
+    which answer other questions. The dev split is `splits.json`'s `dev` record ids.
     """
-    from medmat.mixture import load_manifest
-
     root = _designs_target_dir(designs, target)
     if not root.is_dir():
         raise SearchError(f"{designs}: designs folder not found for target {target} (run `medmat designs`)")
     warm: dict[str, dict[str, int]] = {}
     dev_ids: list[str] | None = None
-    for path in sorted(root.rglob("*.json")):
-        rel = path.relative_to(root)
-        arm = (rel.parent.as_posix() if rel.name == "manifest.json" else rel.with_suffix("").as_posix())
-        arm = arm.replace("/", "_")
-        if arm.startswith("dev") or rel.stem in ("dev", "dev_split"):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            ids = data.get("record_ids") if isinstance(data, dict) else data
-            if isinstance(ids, list):
-                dev_ids = [str(i) for i in ids]
-            continue
-        name = arm.lower()
-        # Related per direction type ("related_modality", ...) and All Related; not the ablations
-        # (Related without Modality/Area/Task) nor the limited-data arms, which are other questions.
-        if not (name.startswith("related") or name.startswith("all_related")):
-            continue
-        if any(word in name for word in ("without", "limited", "_k")):
+    splits = root / "splits.json"
+    if splits.is_file():
+        try:
+            dev_ids = [str(i) for i in json.loads(splits.read_text(encoding="utf-8")).get("dev", [])]
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise SearchError(f"{splits}: not a splits file ({exc})") from exc
+    for path in sorted(root.glob("*.json")):
+        arm = path.stem
+        if not ((arm.startswith("related_") and not arm.startswith("related_wo_")) or arm == "all_related"):
             continue
         try:
-            m = load_manifest(path)
-        except Exception as exc:
-            raise SearchError(f"{path}: cannot read design manifest ({exc})") from exc
+            m = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SearchError(f"{path}: not valid JSON ({exc})") from exc
+        if m.get("status", "ok") != "ok" or not isinstance(m.get("components"), dict):
+            continue
         comps = {}
         for s, v in m["components"].items():
             n = v.get("selected", v.get("requested")) if isinstance(v, Mapping) else v
             comps[_key(s)] = int(n)
-        warm[arm] = comps
+        if comps:
+            warm[arm] = comps
     return warm, dev_ids
 
 
@@ -514,10 +509,15 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
     cat = load_catalog()
     triplet, target_no = parse_target(target_text, cat)
     target = f"{target_no:02d}" if target_no is not None else str(triplet)
+    import pyarrow.parquet as pq
+
     try:
         records = pd.read_parquet(records_path)
+        meta = pq.read_schema(records_path).metadata or {}
     except (OSError, ValueError) as exc:
         raise SearchError(f"{records_path}: cannot read the records table ({exc})") from exc
+    data_root = meta.get(b"medmat.data_root")
+    data_root = data_root.decode() if data_root else None
     warm, dev_ids = load_designs(designs, target)
     if dev_path is not None:
         data = json.loads(Path(dev_path).read_text(encoding="utf-8"))
@@ -557,7 +557,7 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
         or cfg.max_per_subset * 2
     space = MixtureSpace(limits=limits, budget=budget, step=cfg.step)
     return TargetProblem(target=target, triplet=str(triplet), records=records, dev_df=dev_df, space=space,
-                         warm=warm)
+                         warm=warm, data_root=data_root)
 
 
 def train_objective(problem: TargetProblem, cfg: SearchConfig, params_path: Path, out_dir: Path,
@@ -592,11 +592,14 @@ def train_objective(problem: TargetProblem, cfg: SearchConfig, params_path: Path
                                   parent_run_id=parent_run_id) as run:
             trial.set_user_attr(MLFLOW_RUN, run.info.run_id)
             tracking.log_mixture(manifest, tags.get("medmat.data_version", "untracked"))
-            result = train_model(train_cfg, model_cfg, train_df, problem.dev_df,
-                                 out_dir=out_dir / "trials" / f"trial-{trial.number}", on_eval=on_eval,
-                                 tracking=None)
-            acc = evaluate_backend(result.backend, problem.dev_df, scorer=eval_scorer).accuracy
-            tracking.log_metrics({"dev_accuracy_final": acc})
+            # out_dir=None: a trial keeps no checkpoints or model (a killed trial is re-run whole);
+            # tracking=None: the trial's own nested run above is where its metrics go.
+            result = train_model(train_cfg, model_cfg, train_df, problem.dev_df, out_dir=None,
+                                 on_eval=on_eval, tracking=None, data_root=problem.data_root)
+            acc = result.final_dev_accuracy
+            if acc is None or eval_scorer != "likelihood":
+                acc = evaluate_backend(result.backend, problem.dev_df, scorer=eval_scorer).accuracy
+            tracking.log_metrics({"dev_accuracy_final": acc, "train_wall_s": result.wall_s})
         return acc
 
     return evaluate
