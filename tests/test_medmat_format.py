@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medmat.data.medmat_format import (
-    INSTRUCTION, FormatError, derive_split, dumps_records, file_name, find_files, format_question_choice,
+    INSTRUCTION, FormatError, default_file_mode, derive_split, dumps_records, file_name, find_files, format_question_choice,
     make_record, parse_question_choice, read_records, relative_path, write_records,
 )
 
@@ -38,6 +38,7 @@ def test_written_file_matches_release_formatting(tmp_path, sample_record):
     assert out.read_text(encoding="utf-8") == expected
     assert read_records(out) == [sample_record]
     assert [p.name for p in out.parent.iterdir()] == ["ori--02-train.json"]  # no temp file left
+    assert out.stat().st_mode & 0o777 == default_file_mode()  # not mkstemp's 0600
 
 
 def test_non_ascii_kept_verbatim(tmp_path, sample_record):

@@ -32,7 +32,7 @@ from medmat.catalog import Catalog, CatalogError, load_catalog
 from medmat.config import ConfigError, from_dict, load_params
 from medmat.data.images import PathEscapeError, resolve_image_path, sha256_file
 from medmat.data.medmat_format import (
-    DEFAULT_TEST_FRACTION, LETTERS, FormatError, SourceFile, derive_split, find_files,
+    DEFAULT_TEST_FRACTION, FormatError, SourceFile, default_file_mode, derive_split, find_files,
     parse_question_choice, read_records,
 )
 
@@ -50,6 +50,9 @@ REQUIRED: dict[str, tuple[type, ...]] = {
     "Question-choice": (str,), "Answer-choice": (str,), "data-no": (str, int),
 }
 _REQUIRED_KEYS = frozenset(REQUIRED)
+_ID_TYPES = (int, str)      # `type(x) in` this excludes bool, which JSON true/false would give
+_UNSEEN = object()
+_QC_CACHE_MAX = 200_000
 
 COLUMNS: list[tuple[str, pa.DataType]] = [
     ("record_id", pa.string()), ("source_file", pa.string()), ("source_index", pa.int64()),
@@ -125,6 +128,7 @@ class _Ingest:
         self._images: dict[str, tuple[str, str] | str] = {}
         self._hash_of_abs: dict[str, str] = {}
         self._seen: set[int] = set()   # keys (data-no, image, answer) of records already in the table
+        self._parsed_qc: dict[str, tuple[str, list[str]]] = {}
 
     def problem(self, check: str, severity: str, file: str, message: str, index: int | None = None,
                 record_id: object = None) -> None:
@@ -177,94 +181,109 @@ class _Ingest:
             self.problem(exc.check, CRITICAL, sf.rel, exc.reason)
             return None
         s.files_read += 1
-        cols: dict[str, list] = {name: [] for name, _ in COLUMNS}
+        # Hot loop (millions of records at full scale): plain type tests and cache look-ups only;
+        # the slow paths (problem messages, parsing, hashing) run once per fault or unique value.
+        good: list[tuple] = []
         keys: list[int] = []
-        prefix = f"{sf.prefix}{sf.number:02d}-{sf.split}-"
-        seen, problem, rel = self._seen, self.problem, sf.rel
+        seen, rel, number = self._seen, sf.rel, sf.number
+        owner = 0 if sf.kind == "dataset" else 1   # a file's number is a dataset's (0) or a subset's (1)
+        datasets, images, parsed_qc = self._datasets, self._images, self._parsed_qc
         rejected = dups = 0
         for idx, rec in enumerate(records):
             if type(rec) is not dict:
-                problem("record_type", CRITICAL, rel, f"record is a JSON {type(rec).__name__}, not an object", idx)
+                self.problem("record_type", CRITICAL, rel, f"record is a JSON {type(rec).__name__}, not an object",
+                             idx)
                 rejected += 1
                 continue
-            missing = _REQUIRED_KEYS - rec.keys()
-            rid = rec.get("id")
-            if missing:
-                problem("missing_field", CRITICAL, rel, f"missing field(s) {sorted(missing)}", idx, _jsonable(rid))
+            try:
+                rid, image, qc, answer = rec["id"], rec["image"], rec["Question-choice"], rec["Answer"]
+                letter, data_no, caption = rec["Answer-choice"], rec["data-no"], rec["caption"]
+            except KeyError:
+                self.problem("missing_field", CRITICAL, rel, f"missing field(s) {sorted(_REQUIRED_KEYS - rec.keys())}",
+                             idx, _jsonable(rec.get("id")))
                 rejected += 1
                 continue
-            wrong = [k for k, types in REQUIRED.items() if type(rec[k]) not in types]
-            if wrong:
-                problem("wrong_type", CRITICAL, rel, "; ".join(
-                    f"field {k!r} is {type(rec[k]).__name__} ({_short(rec[k])}), expected "
-                    f"{' or '.join(t.__name__ for t in REQUIRED[k])}" for k in wrong), idx, _jsonable(rid))
+            if not (type(image) is str and type(qc) is str and type(answer) is str and type(letter) is str
+                    and type(caption) is str and type(rid) in _ID_TYPES and type(data_no) in _ID_TYPES):
+                self.problem("wrong_type", CRITICAL, rel, _wrong_types(rec), idx, _jsonable(rid))
                 rejected += 1
                 continue
-            data_no, image, answer = rec["data-no"], rec["image"], rec["Answer"]
-            ds = self.dataset(data_no)
+            ds = datasets.get(data_no, _UNSEEN)
+            if ds is _UNSEEN:
+                ds = self.dataset(data_no)
             if ds is None:
-                problem("unknown_data_no", CRITICAL, rel,
-                        f"data-no {data_no!r} is not a dataset of the catalogue (1..{len(self.cat.datasets)})",
-                        idx, rid)
+                self.problem("unknown_data_no", CRITICAL, rel, f"data-no {data_no!r} is not a dataset of the "
+                             f"catalogue (1..{len(self.cat.datasets)})", idx, rid)
                 rejected += 1
                 continue
             key = hash((ds[0], image, answer))
             if not primary and key in seen:
                 dups += 1
                 continue
-            try:
-                question, options = parse_question_choice(rec["Question-choice"])
-            except ValueError as exc:
-                problem("question_choice", CRITICAL, rel, str(exc), idx, rid)
-                rejected += 1
-                continue
-            img = self.image(image)
+            parsed = parsed_qc.get(qc)
+            if parsed is None:
+                try:
+                    parsed = parse_question_choice(qc)
+                except ValueError as exc:
+                    self.problem("question_choice", CRITICAL, rel, str(exc), idx, rid)
+                    rejected += 1
+                    continue
+                # Prompts repeat (6 templates x option orders per subset); bound the cache all the same.
+                if len(parsed_qc) < _QC_CACHE_MAX:
+                    parsed_qc[qc] = parsed
+            img = images.get(image) or self.image(image)
             if type(img) is str:
-                problem("path_escape", CRITICAL, rel, img, idx, rid)
+                self.problem("path_escape", CRITICAL, rel, img, idx, rid)
                 rejected += 1
                 continue
-            if sf.kind == "dataset" and ds[0] != sf.number:
-                problem("data_no_mismatch", WARNING, rel,
-                        f"record of dataset {ds[0]} in the file of dataset {sf.number}", idx, rid)
-            elif sf.kind == "subset" and ds[1] != sf.number:
-                problem("subset_mismatch", WARNING, rel,
-                        f"dataset {ds[0]} belongs to subset {ds[1]} in the catalogue, but sits in the file of "
-                        f"subset {sf.number}", idx, rid)
+            if ds[owner] != number:
+                self._misfiled(sf, ds, idx, rid)
             keys.append(key)
-            cols["record_id"].append(f"{prefix}{rid}")
-            cols["source_index"].append(idx)
-            cols["dataset_no"].append(ds[0])
-            cols["subset_no"].append(ds[1])
-            cols["modality"].append(ds[2])
-            cols["area"].append(ds[3])
-            cols["task"].append(ds[4])
-            cols["image"].append(image)
-            cols["image_path"].append(img[0])
-            cols["image_sha256"].append(img[1])
-            cols["question"].append(question)
-            cols["question_choice"].append(rec["Question-choice"])
-            cols["options"].append(options)
-            cols["answer_letter"].append(rec["Answer-choice"])
-            cols["answer_text"].append(answer)
-            cols["caption"].append(rec["caption"])
+            good.append((idx, rec, ds, parsed, img))
         s.records_rejected += rejected
         s.duplicates_skipped += dups
         seen.update(keys)
-        n = len(keys)
+        n = len(good)
+        prefix = f"{sf.prefix}{number:02d}-{sf.split}-"
+        cols: dict[str, list] = {
+            "record_id": [f"{prefix}{g[1]['id']}" for g in good],
+            "source_file": [rel] * n,
+            "source_index": [g[0] for g in good],
+            "dataset_no": [g[2][0] for g in good],
+            "subset_no": [g[2][1] for g in good],
+            "modality": [g[2][2] for g in good],
+            "area": [g[2][3] for g in good],
+            "task": [g[2][4] for g in good],
+            "split": [sf.split] * n,
+            "image": [g[1]["image"] for g in good],
+            "image_path": [g[4][0] for g in good],
+            "image_sha256": [g[4][1] for g in good],
+            "question": [g[3][0] for g in good],
+            "question_choice": [g[1]["Question-choice"] for g in good],
+            "options": [g[3][1] for g in good],
+            "answer_letter": [g[1]["Answer-choice"] for g in good],
+            "answer_text": [g[1]["Answer"] for g in good],
+            "caption": [g[1]["caption"] for g in good],
+        }
         if derive and n:
             s.derived_split_files += 1
             cols["split"] = derive_split(
                 cols["answer_text"], list(zip(cols["image"], cols["image_sha256"])),
                 seed=self.params.seed, test_fraction=self.params.test_fraction)
-        else:
-            cols["split"] = [sf.split] * n
-        cols["source_file"] = [rel] * n
-        missing_subset = sorted({d for d, sub in zip(cols["dataset_no"], cols["subset_no"]) if sub is None})
-        for d in missing_subset:
-            problem("no_subset", WARNING, rel, f"dataset {d} belongs to no subset in the catalogue, so its "
-                    "records have no task element")
+        for d in sorted({g[2][0] for g in good if g[2][1] is None}):
+            self.problem("no_subset", WARNING, rel, f"dataset {d} belongs to no subset in the catalogue, so its "
+                         "records have no task element")
         s.records += n
         return pa.table(cols, schema=SCHEMA)
+
+    def _misfiled(self, sf: SourceFile, ds: tuple, idx: int, rid: object) -> None:
+        if sf.kind == "dataset":
+            msg = f"record of dataset {ds[0]} in the file of dataset {sf.number}"
+            self.problem("data_no_mismatch", WARNING, sf.rel, msg, idx, rid)
+        else:
+            msg = (f"dataset {ds[0]} belongs to subset {ds[1]} in the catalogue, but sits in the file of "
+                   f"subset {sf.number}")
+            self.problem("subset_mismatch", WARNING, sf.rel, msg, idx, rid)
 
     def tables(self, progress: bool | None = None) -> Iterator[pa.Table]:
         from tqdm import tqdm
@@ -328,6 +347,7 @@ def ingest_to_parquet(data_root: str | os.PathLike, out: str | os.PathLike, para
                 writer.write_table(table.replace_schema_metadata(schema.metadata))
         summary = job.finish(started)
         if summary.records:
+            os.chmod(tmp, default_file_mode())
             os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -366,11 +386,18 @@ def write_problems(path: str | os.PathLike, problems: list[dict], summary: Inges
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _wrong_types(rec: dict) -> str:
+    wrong = [k for k, types in REQUIRED.items() if type(rec[k]) not in types]
+    return "; ".join(f"field {k!r} is {type(rec[k]).__name__} ({_short(rec[k])}), expected "
+                     f"{' or '.join(t.__name__ for t in REQUIRED[k])}" for k in wrong)
 
 
 def _short(value: object, limit: int = 40) -> str:
