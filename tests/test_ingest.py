@@ -118,6 +118,8 @@ def test_bad_input_becomes_problem_entries(tmp_path, sample_record, capsys):
     assert critical == EXPECTED_BAD
     for p in problems:
         assert p["message"] and p["file"]
+        if p["check"] in ("unknown_data_no", "path_escape"):
+            assert p["table_record_id"] == f"ori05-train-{p['record_id']}"
     by_check = {p["check"]: p["message"] for p in problems}
     assert "777" in by_check["unknown_data_no"]
     assert "'image'" in by_check["missing_field"] and "'image'" in by_check["wrong_type"]
@@ -216,7 +218,9 @@ def test_file_in_wrong_place_is_a_warning(tmp_path, sample_record):
     _write(root, "Original_Medical_Datasets/ori--07-train.json", [sample_record])  # data-no 2 in file 07
     df, problems, _ = ingest(root)
     assert len(df) == 1 and df.dataset_no.iloc[0] == 2
-    assert [(p["check"], p["severity"], p["record_id"]) for p in problems] == [("data_no_mismatch", "warning", 1)]
+    assert [(p["check"], p["severity"], p["record_id"], p["table_record_id"]) for p in problems] == [
+        ("data_no_mismatch", "warning", 1, "ori07-train-1")]
+    assert df.record_id.iloc[0] == "ori07-train-1"
 
 
 def test_params_section_is_typed(tmp_path, sample_world):

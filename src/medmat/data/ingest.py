@@ -131,9 +131,12 @@ class _Ingest:
         self._parsed_qc: dict[str, tuple[str, list[str]]] = {}
 
     def problem(self, check: str, severity: str, file: str, message: str, index: int | None = None,
-                record_id: object = None) -> None:
-        self.problems.append({"check": check, "severity": severity, "file": file,
-                              "record_id": record_id, "index": index, "message": message})
+                record_id: object = None, table_prefix: str | None = None) -> None:
+        """One problem entry. `record_id` is the record's own `id`; `table_record_id` the id its row
+        has (or would have had) in the records table, so warnings can be joined to rows."""
+        table_id = f"{table_prefix}{record_id}" if table_prefix and record_id is not None else None
+        self.problems.append({"check": check, "severity": severity, "file": file, "record_id": record_id,
+                              "table_record_id": table_id, "index": index, "message": message})
 
     def dataset(self, data_no: object) -> tuple | None:
         """(dataset_no, subset_no, modality, area, task) for a record's data-no, or None if unknown."""
@@ -189,6 +192,7 @@ class _Ingest:
         owner = 0 if sf.kind == "dataset" else 1   # a file's number is a dataset's (0) or a subset's (1)
         datasets, images, parsed_qc = self._datasets, self._images, self._parsed_qc
         rejected = dups = 0
+        prefix = f"{sf.prefix}{number:02d}-{sf.split}-"
         for idx, rec in enumerate(records):
             if type(rec) is not dict:
                 self.problem("record_type", CRITICAL, rel, f"record is a JSON {type(rec).__name__}, not an object",
@@ -200,12 +204,13 @@ class _Ingest:
                 letter, data_no, caption = rec["Answer-choice"], rec["data-no"], rec["caption"]
             except KeyError:
                 self.problem("missing_field", CRITICAL, rel, f"missing field(s) {sorted(_REQUIRED_KEYS - rec.keys())}",
-                             idx, _jsonable(rec.get("id")))
+                             idx, _jsonable(rec.get("id")), _prefix_if_id(rec.get("id"), prefix))
                 rejected += 1
                 continue
             if not (type(image) is str and type(qc) is str and type(answer) is str and type(letter) is str
                     and type(caption) is str and type(rid) in _ID_TYPES and type(data_no) in _ID_TYPES):
-                self.problem("wrong_type", CRITICAL, rel, _wrong_types(rec), idx, _jsonable(rid))
+                self.problem("wrong_type", CRITICAL, rel, _wrong_types(rec), idx, _jsonable(rid),
+                             _prefix_if_id(rid, prefix))
                 rejected += 1
                 continue
             ds = datasets.get(data_no, _UNSEEN)
@@ -213,7 +218,7 @@ class _Ingest:
                 ds = self.dataset(data_no)
             if ds is None:
                 self.problem("unknown_data_no", CRITICAL, rel, f"data-no {data_no!r} is not a dataset of the "
-                             f"catalogue (1..{len(self.cat.datasets)})", idx, rid)
+                             f"catalogue (1..{len(self.cat.datasets)})", idx, rid, prefix)
                 rejected += 1
                 continue
             key = hash((ds[0], image, answer))
@@ -225,7 +230,7 @@ class _Ingest:
                 try:
                     parsed = parse_question_choice(qc)
                 except ValueError as exc:
-                    self.problem("question_choice", CRITICAL, rel, str(exc), idx, rid)
+                    self.problem("question_choice", CRITICAL, rel, str(exc), idx, rid, prefix)
                     rejected += 1
                     continue
                 # Prompts repeat (6 templates x option orders per subset); bound the cache all the same.
@@ -233,18 +238,17 @@ class _Ingest:
                     parsed_qc[qc] = parsed
             img = images.get(image) or self.image(image)
             if type(img) is str:
-                self.problem("path_escape", CRITICAL, rel, img, idx, rid)
+                self.problem("path_escape", CRITICAL, rel, img, idx, rid, prefix)
                 rejected += 1
                 continue
             if ds[owner] != number:
-                self._misfiled(sf, ds, idx, rid)
+                self._misfiled(sf, ds, idx, rid, prefix)
             keys.append(key)
             good.append((idx, rec, ds, parsed, img))
         s.records_rejected += rejected
         s.duplicates_skipped += dups
         seen.update(keys)
         n = len(good)
-        prefix = f"{sf.prefix}{number:02d}-{sf.split}-"
         cols: dict[str, list] = {
             "record_id": [f"{prefix}{g[1]['id']}" for g in good],
             "source_file": [rel] * n,
@@ -276,14 +280,14 @@ class _Ingest:
         s.records += n
         return pa.table(cols, schema=SCHEMA)
 
-    def _misfiled(self, sf: SourceFile, ds: tuple, idx: int, rid: object) -> None:
+    def _misfiled(self, sf: SourceFile, ds: tuple, idx: int, rid: object, prefix: str) -> None:
         if sf.kind == "dataset":
             msg = f"record of dataset {ds[0]} in the file of dataset {sf.number}"
-            self.problem("data_no_mismatch", WARNING, sf.rel, msg, idx, rid)
+            self.problem("data_no_mismatch", WARNING, sf.rel, msg, idx, rid, prefix)
         else:
             msg = (f"dataset {ds[0]} belongs to subset {ds[1]} in the catalogue, but sits in the file of "
                    f"subset {sf.number}")
-            self.problem("subset_mismatch", WARNING, sf.rel, msg, idx, rid)
+            self.problem("subset_mismatch", WARNING, sf.rel, msg, idx, rid, prefix)
 
     def tables(self, progress: bool | None = None) -> Iterator[pa.Table]:
         from tqdm import tqdm
@@ -392,6 +396,11 @@ def write_problems(path: str | os.PathLike, problems: list[dict], summary: Inges
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _prefix_if_id(rid: object, prefix: str) -> str | None:
+    """A table id is only meaningful for an id of the right type."""
+    return prefix if type(rid) in _ID_TYPES else None
 
 
 def _wrong_types(rec: dict) -> str:
