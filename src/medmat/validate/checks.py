@@ -136,7 +136,7 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     flat = pc.list_flatten(opts)
     parent = pc.list_parent_indices(opts).to_numpy()
     answers = records["answer_text"].astype(object).to_numpy()
-    codes, _ = pd.factorize(np.concatenate([flat.to_numpy(zero_copy_only=False), answers]))
+    codes, texts = pd.factorize(np.concatenate([flat.to_numpy(zero_copy_only=False), answers]))
     flat_code, answer_code = codes[: len(flat)].astype(np.int64), codes[len(flat):].astype(np.int64)
     k = int(codes.max()) + 2 if len(codes) else 1
     pair = np.unique(parent.astype(np.int64) * k + flat_code)
@@ -163,6 +163,13 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     small = np.bincount(group_code)[group_code] < params.label_set_min_records
     f["answer_in_label_set"] = in_set | small
     f["_group"] = group
+    # Every option text of a test set's subset is one of its labels: the balance report counts them all,
+    # so a label missing from the test set shows as 0 rather than vanishing.
+    uniq_codes, first = np.unique(group_code, return_index=True)
+    all_pairs = np.unique(group_code[parent] * k + flat_code)
+    labels_of = pd.Series(np.asarray(texts, dtype=object)[all_pairs % k], dtype=object).groupby(
+        all_pairs // k).agg(lambda s: sorted(set(s)))
+    f.attrs["labels"] = {int(group[first[i]]): labels_of.get(c, []) for i, c in enumerate(uniq_codes)}
     f["_group_size"] = np.bincount(group_code)[group_code]
 
     # Leakage: one image content (sha256) in both train and test of one subset.

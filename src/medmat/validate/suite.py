@@ -111,7 +111,7 @@ def _rules(vocab: dict[str, list[str]], params: ValidateParams) -> list[Rule]:
              gxe.ExpectColumnValuesToBeBetween(column="imbalance_ratio", min_value=1.0,
                                                max_value=params.balance_max_ratio),
              lambda r: f"test set of {_group_name(r['_group'])} is unbalanced: {r['counts']} "
-                       f"(largest/smallest {r['imbalance_ratio']:.2f} > {params.balance_max_ratio})",
+                       f"(largest/smallest {r['imbalance_ratio']:.2f} > {params.balance_max_ratio})",  # inf: a label is absent
              frame="balance"),
     ]
 
@@ -125,10 +125,12 @@ def balance_frame(f: pd.DataFrame) -> pd.DataFrame:
     test = f[f["split"] == "test"]
     rows = []
     for group, g in test.groupby("_group", sort=True):
-        counts = g["answer_text"].value_counts().sort_index()
+        labels = f.attrs.get("labels", {}).get(int(group), [])
+        counts = g["answer_text"].value_counts().reindex(sorted(set(labels) | set(g["answer_text"])), fill_value=0)
         rows.append({"record_id": None, "source_file": ", ".join(sorted(g["source_file"].unique())),
                      "_group": int(group), "counts": {str(k): int(v) for k, v in counts.items()},
-                     "imbalance_ratio": float(counts.max() / counts.min())})
+                     # a label with no test record at all is the worst imbalance: infinite
+                     "imbalance_ratio": float(counts.max() / counts.min()) if counts.min() else math.inf})
     out = pd.DataFrame(rows, columns=["record_id", "source_file", "_group", "counts", "imbalance_ratio"])
     out["_row"] = np.arange(len(out))
     return out
@@ -159,13 +161,16 @@ class _GX:
             return []
         self._n += 1
         suite = self.gx.ExpectationSuite(name=f"medmat_{self._n}")
-        for rule in rules:
-            suite.add_expectation(rule.expectation.__class__(**rule.expectation.configuration.kwargs))
+        for i, rule in enumerate(rules):
+            # GX does not keep the suite's order in its results: tag each copy with its rule.
+            suite.add_expectation(rule.expectation.__class__(**rule.expectation.configuration.kwargs,
+                                                             meta={"rule": i}))
         result = self.batch(df).validate(suite, result_format="BASIC")
-        out = []
+        out: list = [None] * len(rules)
         for res in result.results:
             r = res.result or {}
-            out.append((bool(res.success), int(r.get("unexpected_count") or 0), int(r.get("element_count") or len(df))))
+            out[res.expectation_config.meta["rule"]] = (
+                bool(res.success), int(r.get("unexpected_count") or 0), int(r.get("element_count") or len(df)))
         return out
 
     def listed_rows(self, df: pd.DataFrame, rule: Rule, unexpected: int, cap: int) -> list[int]:
@@ -254,7 +259,8 @@ def validate_records(records: pd.DataFrame, data_root: str | os.PathLike, params
                     "description": o.description, "expectations": o.expectations,
                     "listed": len(o.failures), "failures": o.failures} for o in checks],
         "test_label_balance": [{"test_set": _group_name(r["_group"]), "files": r["source_file"],
-                                "counts": r["counts"], "largest_to_smallest": round(r["imbalance_ratio"], 3)}
+                                "counts": r["counts"], "largest_to_smallest": (round(r["imbalance_ratio"], 3)
+                                                                if math.isfinite(r["imbalance_ratio"]) else None)}
                                for _, r in balance.iterrows()],
         "params": {"max_listed": params.max_listed, "images": params.images,
                    "label_set_min_records": params.label_set_min_records,
