@@ -183,6 +183,13 @@ def test_outputs_best_mixture_and_history(tmp_path):
     best = json.loads((tmp_path / "out" / "best_mixture.json").read_text())
     assert best == manifest and best["components"] and best["dev_accuracy"] == study.best_value
     assert sum(best["components"].values()) <= 300
+    # a warm-start trial trains on the design's exact counts even off the search grid
+    study2 = search.open_study("exact", storage)
+    search.enqueue_warm_start(study2, space, {"all_related": {"01": 167, "02": 133}})
+    seen = []
+    search.run_worker(study2, space, lambda m, t: seen.append(m) or 0.5, 1, lock, progress=False)
+    assert seen == [{"01": 167, "02": 133}]
+    assert study2.trials[0].params == {"use_01": True, "n_01": 150, "use_02": True, "n_02": 150}
     rows = list(csv.DictReader((tmp_path / "out" / "history.csv").open()))
     assert [int(r["trial"]) for r in rows] == list(range(5))
     assert rows[0]["source"] == "warm:related_area" and json.loads(rows[0]["mixture"]) == {"02": 150}

@@ -46,6 +46,7 @@ MIXTURE = "mixture"          # the effective mixture (after the budget) as {subs
 SOURCE = "source"            # "warm:<arm>", "sampler", "retry:<trial number>"
 WARM = "warm_start"          # arm name of a warm-start trial (idempotency key for enqueueing)
 RETRY_OF = "retry_of"        # number of the killed trial this one replaces
+DESIGN = "design_mixture"    # a warm-start trial's exact mixture (the params are its grid approximation)
 MLFLOW_RUN = "mlflow_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -279,8 +280,9 @@ def recover_stale(study: optuna.Study) -> list[int]:
         _end_mlflow_run(t.user_attrs.get(MLFLOW_RUN))
         if t.number not in retried:
             attrs = {RETRY_OF: t.number, SOURCE: f"retry:{t.number}"}
-            if WARM in t.user_attrs:
-                attrs[WARM] = t.user_attrs[WARM]
+            for key in (WARM, DESIGN):
+                if key in t.user_attrs:
+                    attrs[key] = t.user_attrs[key]
             if t.params:
                 study.enqueue_trial(dict(t.params), user_attrs=attrs)
         stale.append(t.number)
@@ -308,7 +310,10 @@ def enqueue_warm_start(study: optuna.Study, space: MixtureSpace, arms: Mapping[s
     for arm, mixture in arms.items():
         if arm in have:
             continue
-        study.enqueue_trial(space.params_for(mixture), user_attrs={WARM: arm, SOURCE: f"warm:{arm}"})
+        # The params are the design's mixture on the search grid (what the sampler learns from); the
+        # trial itself trains on the design's exact counts (DESIGN), so it reproduces the arm.
+        exact = {_key(s): int(n) for s, n in sorted(mixture.items()) if int(n) > 0}
+        study.enqueue_trial(space.params_for(mixture), user_attrs={WARM: arm, SOURCE: f"warm:{arm}", DESIGN: exact})
         added.append(arm)
     return added
 
@@ -353,6 +358,8 @@ def run_worker(study: optuna.Study, space: MixtureSpace, evaluate: Evaluate, n_t
 def _run_one(study: optuna.Study, trial: Trial, space: MixtureSpace, evaluate: Evaluate) -> None:
     fixed = trial.user_attrs
     mixture = space.suggest(trial)
+    if DESIGN in fixed:
+        mixture = space.apply_budget({str(k): int(v) for k, v in fixed[DESIGN].items()})
     trial.set_user_attr(MIXTURE, mixture)
     if SOURCE not in fixed:
         trial.set_user_attr(SOURCE, "sampler")
@@ -467,7 +474,7 @@ def load_designs(designs: Path, target: str) -> tuple[dict[str, dict[str, int]],
     """Warm-start mixtures and the dev split from `medmat designs` output (`<designs>/<target>/`).
 
     Warm start = the Related arms of each direction type (`related_<direction>.json`) and All Related
-    (`all_related.json`) whose status is ok; not the ablations (`related_wo_*`) nor limited-data arms,
+    (`all_related.json`) whose status is ok; not the ablations (`related_without_*`) nor limited-data arms,
     which answer other questions. The dev split is `splits.json`'s `dev` record ids.
     """
     root = _designs_target_dir(designs, target)
@@ -483,7 +490,8 @@ def load_designs(designs: Path, target: str) -> tuple[dict[str, dict[str, int]],
             raise SearchError(f"{splits}: not a splits file ({exc})") from exc
     for path in sorted(root.glob("*.json")):
         arm = path.stem
-        if not ((arm.startswith("related_") and not arm.startswith("related_wo_")) or arm == "all_related"):
+        if not ((arm.startswith("related_") and not arm.startswith(("related_wo_", "related_without")))
+                or arm == "all_related"):
             continue
         try:
             m = json.loads(path.read_text(encoding="utf-8"))
