@@ -49,6 +49,9 @@ class ExperimentConfig:
     scaleup_seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     limited_targets: list = dataclasses.field(default_factory=lambda: ["03"])
     control: bool = True  # run Related vs Baseline+ on the --entangled world (negative control)
+    # `train:` keys overridden for every cell (as `medmat train --max-steps ...` would): the demo trains
+    # shorter than `train:` to fit ~100 runs into 15 minutes on 2 cores; empty = `train:` as it is.
+    train_overrides: dict = dataclasses.field(default_factory=dict)
 
 
 def load_experiment(params_path: str | os.PathLike = "params.yaml") -> ExperimentConfig:
@@ -109,7 +112,7 @@ def _cli(module_name: str, argv: list[str]) -> int:
 
 
 def run_seed(*, records: str, manifest: str | None, run_dir: Path, target_no: int, target_label: str,
-             arm: str, seed: int, params: str) -> dict[str, Any]:
+             arm: str, seed: int, params: str, overrides: dict | None = None) -> dict[str, Any]:
     """Train (unless Baseline) and evaluate one seed; return metrics.json's content."""
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.json"
@@ -126,7 +129,8 @@ def run_seed(*, records: str, manifest: str | None, run_dir: Path, target_no: in
     else:
         rc = _cli("medmat.train", ["--records", records, "--manifest", manifest, "--out", str(run_dir),
                                    "--params", params, "--seed", str(seed), "--arm", arm,
-                                   "--target", target_label])
+                                   "--target", target_label]
+                 + [x for k, v in (overrides or {}).items() for x in ("--" + k.replace("_", "-"), str(v))])
         if rc:
             raise RuntimeError(f"medmat train ({arm}, seed {seed}) exited {rc}; see {run_dir}")
         rc = _cli("medmat.evaluate", ["--model", str(run_dir / "model"), "--records", records,
@@ -210,7 +214,8 @@ def run_cell(*, designs_dir: str, records: str, target: str, arm: str, out: str,
             accs, n = {}, None
             for s in seeds:
                 m = run_seed(records=records, manifest=str(vdir / "manifest.json"), run_dir=vdir / f"seed{s}",
-                             target_no=target_no, target_label=label, arm=f"limited_{name}", seed=s, params=params)
+                             target_no=target_no, target_label=label, arm=f"limited_{name}", seed=s, params=params,
+                             overrides=exp.train_overrides)
                 accs[s], n = float(m["accuracy"]), m.get("n")
             variants[name] = {"companion": var["companion"], "k": var["k"], **summarise(accs, n)}
         result["variants"] = variants
@@ -222,7 +227,7 @@ def run_cell(*, designs_dir: str, records: str, target: str, arm: str, out: str,
         accs, n = {}, None
         for s in seeds:
             m = run_seed(records=records, manifest=arm_manifest, run_dir=out_dir / f"seed{s}", target_no=target_no,
-                         target_label=label, arm=arm, seed=s, params=params)
+                         target_label=label, arm=arm, seed=s, params=params, overrides=exp.train_overrides)
             accs[s], n = float(m["accuracy"]), m.get("n")
         result.update(summarise(accs, n))
         result["components"] = {k: v.get("selected") for k, v in man.get("components", {}).items()}
