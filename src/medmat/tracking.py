@@ -81,8 +81,29 @@ def _setup_cached(uri: str, artifact_root: str, experiment: str) -> str:
     import mlflow
 
     db = _sqlite_path(uri)
+    lock = contextlib.nullcontext()
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        # Several processes (search workers, parallel DVC stages) may open a fresh store at once;
+        # MLflow's schema migrations on one sqlite file must not race.
+        lock = _file_lock(db.with_name(db.name + ".lock"))
+    with lock:
+        return _experiment_id(mlflow, uri, db, artifact_root, experiment)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _experiment_id(mlflow, uri: str, db: Path | None, artifact_root: str, experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
