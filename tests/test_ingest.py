@@ -241,3 +241,23 @@ def test_ingest_to_parquet_streams_all_files(tmp_path):
     assert summary.records == 10 and summary.files_read == 2
     assert pq.read_metadata(out).num_rows == 10
     assert load_records_table(out)["subset_no"].dtype.name == "Int64"
+
+
+def test_derived_split_consistent_across_datasets_of_a_subset(tmp_path):
+    # Datasets 71 and 72 (both subset 8) share images, as ISIC 2017 and 2018 do: same content, own paths.
+    root = tmp_path / "data"
+    labels = ("Melanoma", "Nevus")
+    recs71 = _records(root, 71, 60, labels=labels)
+    recs72 = _records(root, 72, 40, labels=labels, start=1000)  # its own images, and copies of 71's
+    for r in recs71[::3]:
+        copy_rel = r["image"].replace("med-mat/ds71", "med-mat/ds72")
+        (root / copy_rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / copy_rel).write_bytes((root / r["image"]).read_bytes())
+        recs72.append(r | {"image": copy_rel, "data-no": "72"})
+    _write(root, "Original_Medical_Datasets/ori--71-train.json", recs71)
+    _write(root, "Original_Medical_Datasets/ori--72-train.json", recs72)
+    df, _, summary = ingest(root)
+    assert summary.derived_split_files == 2 and (df.split == "test").sum() > 0
+    train = set(df[df.split == "train"].image_sha256)
+    test = set(df[df.split == "test"].image_sha256)
+    assert not train & test

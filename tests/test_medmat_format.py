@@ -155,3 +155,14 @@ def test_derived_split_is_label_balanced_and_about_a_tenth():
 def test_derived_split_keeps_single_examples_in_train():
     assert derive_split(["a", "b"], [("x",), ("y",)], seed=0) == ["train", "train"]
     assert derive_split([], [], seed=0) == []
+
+
+def test_derived_split_follows_forced_images():
+    labels = ["a", "b"] * 50
+    keys = [(f"img{i}",) for i in range(100)]
+    forced = [None] * 100
+    forced[0], forced[1], forced[2] = "test", "train", "test"
+    keys[3] = ("img2",)  # shares an image with a record forced to test
+    split = derive_split(labels, keys, seed=0, forced=forced)
+    assert split[0] == "test" and split[1] == "train" and split[2] == split[3] == "test"
+    assert derive_split(labels, keys, seed=0, forced=forced) == split

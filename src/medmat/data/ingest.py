@@ -129,6 +129,7 @@ class _Ingest:
         self._hash_of_abs: dict[str, str] = {}
         self._seen: set[int] = set()   # keys (data-no, image, answer) of records already in the table
         self._parsed_qc: dict[str, tuple[str, list[str]]] = {}
+        self._split_of_image: dict[tuple, str] = {}   # (subset_no, sha256 or path) -> first split given
 
     def problem(self, check: str, severity: str, file: str, message: str, index: int | None = None,
                 record_id: object = None, table_prefix: str | None = None) -> None:
@@ -269,11 +270,18 @@ class _Ingest:
             "answer_text": [g[1]["Answer"] for g in good],
             "caption": [g[1]["caption"] for g in good],
         }
+        # An image (by content, else by path) keeps one split within a subset across files: datasets
+        # of one subset share images (ISIC 2017/2018), and a test image seen in training is leakage.
+        content = [(g[2][1], g[4][1] or g[4][0]) for g in good]
         if derive and n:
             s.derived_split_files += 1
+            split_of = self._split_of_image
             cols["split"] = derive_split(
                 cols["answer_text"], list(zip(cols["image"], cols["image_sha256"])),
-                seed=self.params.seed, test_fraction=self.params.test_fraction)
+                seed=self.params.seed, test_fraction=self.params.test_fraction,
+                forced=[split_of.get(c) for c in content])
+        for c, split in zip(content, cols["split"]):
+            self._split_of_image.setdefault(c, split)
         for d in sorted({g[2][0] for g in good if g[2][1] is None}):
             self.problem("no_subset", WARNING, rel, f"dataset {d} belongs to no subset in the catalogue, so its "
                          "records have no task element")

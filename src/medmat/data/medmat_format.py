@@ -257,7 +257,8 @@ def default_file_mode() -> int:
 
 
 def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]], *, seed: int = 0,
-                 test_fraction: float = DEFAULT_TEST_FRACTION) -> list[str]:
+                 test_fraction: float = DEFAULT_TEST_FRACTION,
+                 forced: Sequence[str | None] | None = None) -> list[str]:
     """'train'/'test' for each record of a release file that has no test file of its own.
 
     - Deterministic: groups are ordered by a hash of (seed, group key), not by file order.
@@ -266,6 +267,9 @@ def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]]
     - Label-balanced test set, as the paper's: each label gets the same quota
       (test_fraction x records / labels), capped at half the label's records so that train keeps
       examples of every label; a rare label therefore gets fewer test records, never more.
+    - `forced` (optional, per record): a split the record's image already has elsewhere (e.g. in
+      another dataset of the same subset). Its whole group follows it, so an image shared across
+      files is not split either; a group forced both ways stays in train.
     """
     n = len(labels)
     if len(image_keys) != n:
@@ -312,6 +316,18 @@ def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]]
     order = sorted(need, key=lambda g: hashlib.sha256(f"{seed}\x00{name.get(g, g)}".encode()).hexdigest())
     taken: Counter = Counter()
     test_groups = set()
+    if forced is not None:
+        if len(forced) != n:
+            raise ValueError("forced must have one entry per record")
+        pinned: dict[int, set] = defaultdict(set)
+        for g, f in zip(group, forced):
+            if f is not None:
+                pinned[g].add(f)
+        for g, fs in pinned.items():
+            if fs == {"test"}:
+                test_groups.add(g)
+                taken.update(need[g])
+        order = [g for g in order if g not in pinned]
     for g in order:
         if all(taken[lab] + c <= cap[lab] for lab, c in need[g].items()):
             taken.update(need[g])
