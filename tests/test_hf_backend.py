@@ -210,3 +210,49 @@ def test_gpu_benchmark_script_smoke_and_no_cuda_exit(tmp_path, monkeypatch, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_lora(tmp_path):
+    """`medmat train` with model.backend: hf under `accelerate launch` with 2 processes (CPU, gloo): the
+    multi-GPU recipe of docs/real-checkpoints.md, LoRA + gradient checkpointing + DDP, then evaluate."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from medmat.data.ingest import ingest_to_parquet
+    from medmat.data.synth import SynthParams, generate
+    from medmat.mixture import resolve_mixture, save_manifest
+
+    generate(tmp_path / "data", SynthParams(train_per_subset=12, test_per_subset=6), progress=False)
+    ingest_to_parquet(tmp_path / "data", tmp_path / "records.parquet")
+    records = pd.read_parquet(tmp_path / "records.parquet")
+    _, man = resolve_mixture(records, {"components": {"03": 12, "28": 12}, "seed": 0})
+    save_manifest(tmp_path / "manifest.json", man)
+    ckpt = BUILDERS["qwen2vl"](tmp_path / "ckpt")
+    params = {"model": {"backend": "hf", "hf": {"path": str(ckpt), "lora": {"r": 4, "alpha": 8},
+                                                "gradient_checkpointing": True}},
+              "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3, "warmup_steps": 0, "eval_every": 0,
+                        "checkpoint_every": 2, "num_threads": 1, "progress": False},
+              "evaluate": {"batch_size": 8}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "medmat.cli", "train",
+           "--params", "params.yaml", "--records", "records.parquet", "--manifest", "manifest.json",
+           "--out", "run", "--no-tracking"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 4 and np.isfinite(metrics["final_train_loss"])
+    info = json.loads((tmp_path / "run" / "model" / "medmat_backend.json").read_text())
+    assert info["backend"] == "hf" and info["mode"] == "lora"
+    done = subprocess.run([str(bin_dir / "medmat"), "evaluate", "--params", "params.yaml", "--model", "run/model",
+                           "--records", "records.parquet", "--target", "3", "--out", "eval", "--no-track"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] > 0

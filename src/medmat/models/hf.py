@@ -209,7 +209,10 @@ class HFBackend:
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:  # LLaMA-family tokenizers ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        model.config.use_cache = False  # training; generate() turns the cache on per call
+        # Training needs no KV cache (and gradient checkpointing refuses one); generate() asks for it.
+        for c in (model.config, getattr(model.config, "text_config", None)):
+            if c is not None:
+                c.use_cache = False
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input-grad hacks.
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
