@@ -3,7 +3,10 @@
     medmat train --records work/records.parquet --manifest RUN_DIR/manifest.json --out RUN_DIR \
         [--params params.yaml] [--dev-manifest FILE] [--target 03 --arm related-fixed_area --seed 0] \
         [--max-steps 400 --lr 3e-3 ...]
-    accelerate launch --num_processes 2 [--cpu] -m medmat.cli train ...     # several processes
+    accelerate launch --multi_gpu --num_processes 2 -m medmat.cli train ...   # several processes
+    (on a CPU-only machine `--multi_gpu` still starts the processes through torchrun and they talk over
+    gloo; `--cpu` alone would start a single process. `torchrun --nproc_per_node 2 -m medmat.cli train`
+    is the same thing.)
 
 Determinism and resumption: the order of the training data is a pure function of (seed, epoch,
 micro-batch), so a run restarted from a checkpoint (model, optimiser, scheduler and RNG states, saved
@@ -88,6 +91,7 @@ class TrainResult:
     samples_per_s: float = 0.0
     wall_s: float = 0.0
     n_train: int = 0
+    num_processes: int = 1
 
     def metrics(self) -> dict[str, Any]:
         """What train_metrics.json holds."""
@@ -97,6 +101,7 @@ class TrainResult:
             "final_dev_accuracy": self.final_dev_accuracy,
             "dev_history": [list(x) for x in self.dev_history],
             "n_train": self.n_train,
+            "num_processes": self.num_processes,
             "run_id": self.run_id,
             "resumed_from": self.resumed_from,
             "samples_per_s": round(self.samples_per_s, 1),
@@ -256,6 +261,9 @@ def train_model(
     from medmat.models import build, model_config
 
     model_cfg = model_config(model_cfg)
+    # accelerate narrates every checkpoint file at INFO; one line per checkpoint is ours to write.
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # The scheduler steps once per optimiser step whatever the process count (accelerate's default
     # steps it num_processes times), so one and two processes follow the same schedule.
     accel = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
@@ -366,6 +374,7 @@ def train_model(
                                                      "last_loss": last_loss, "fingerprint": fp,
                                                      "run_id": run_id})
                 _replace_dir(tmp, root / f"step-{step}")
+                log.debug("checkpoint %s", root / f"step-{step}")
                 for old in checkpoints(out)[: -train_cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
             accel.wait_for_everyone()
@@ -414,7 +423,7 @@ def train_model(
             backend=backend, steps=total, dev_history=dev_history,
             final_dev_accuracy=dev_history[-1][1] if dev_history else None, final_train_loss=last_loss,
             run_id=run_id, resumed_from=resumed_from, samples_per_s=samples / wall if wall > 0 else 0.0,
-            wall_s=wall, n_train=len(train_rows),
+            wall_s=wall, n_train=len(train_rows), num_processes=accel.num_processes,
         )
         if out is not None and main:
             tmp = out / ".model.tmp"
@@ -499,6 +508,7 @@ def run(args: argparse.Namespace) -> int:
         run_name=name, tags=tags, data_root=data_root, manifest=manifest,
         params={"manifest_sha256": manifest.get("sha256", "")},
     )
-    log.info("trained %d steps on %d records: dev accuracy %s, %.0f samples/s -> %s",
-             result.steps, result.n_train, result.final_dev_accuracy, result.samples_per_s, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+        log.info("trained %d steps on %d records: dev accuracy %s, %.0f samples/s -> %s",
+                 result.steps, result.n_train, result.final_dev_accuracy, result.samples_per_s, args.out)
     return 0
