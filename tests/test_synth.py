@@ -1,0 +1,207 @@
+"""Med-MAT-mini: coverage of the catalogue, public layout, factor structure, determinism, full scale."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medmat.catalog import load_catalog
+from medmat.cli import main
+from medmat.data import synth
+from medmat.data.medmat_format import RECORD_KEYS, find_files, parse_question_choice, read_records
+
+TINY = dict(train_per_subset=8, test_per_subset=8)   # >= one label-balanced group per dataset
+FEW = dict(TINY, subsets=[3, 4, 5, 28])              # for tests that need several worlds
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini") / "data"
+    summary = synth.generate(root, synth.SynthParams(**TINY), progress=False)
+    return root, summary
+
+
+def ori_records(root: Path) -> dict[tuple[int, str], list[dict]]:
+    return {(f.number, f.split): read_records(f.path) for f in find_files(root, kinds=("dataset",))}
+
+
+def test_every_classification_dataset_with_its_triplet(world):
+    root, summary = world
+    cat = load_catalog()
+    expected = {d for s in cat.classification_subsets() for d in cat.subset(s).dataset_nos}
+    recs = ori_records(root)
+    assert {no for no, _ in recs} == expected and summary["datasets"] == len(expected)
+    assert {88, 43, 44} & expected == {43, 44}          # faulty-table datasets kept with the catalogue's subset
+    card = json.loads((root / "MEDMAT_MINI.json").read_text())
+    for d in expected:
+        assert card["datasets"][str(d)]["triplet"] == str(cat.triplet_of_dataset(d))
+        assert card["datasets"][str(d)]["subset"] == cat.dataset(d).subset_no
+
+
+def test_public_layout_and_records(world):
+    root, _ = world
+    files = find_files(root)
+    kinds = Counter(f.kind for f in files)
+    assert kinds["subset"] == 37 * 2
+    for (no, split), recs in ori_records(root).items():
+        assert recs, (no, split)
+        for r in recs:
+            assert tuple(r) == RECORD_KEYS and r["data-no"] == str(no)
+            _, options = parse_question_choice(r["Question-choice"])
+            assert 2 <= len(options) <= 4
+            assert options["ABCD".index(r["Answer-choice"])] == r["Answer"] == r["caption"]
+            path = root / r["image"]
+            assert r["image"].startswith("med-mat/") and path.is_file()
+            with Image.open(path) as im:
+                assert im.size == (64, 64) and im.mode in ("L", "RGB")
+        if split == "test":   # label-balanced
+            assert len(set(Counter(r["Answer"] for r in recs).values())) == 1
+
+
+def test_subset_files_repeat_dataset_records(world):
+    root, _ = world
+    cat = load_catalog()
+    ori = ori_records(root)
+    strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "id"}, sort_keys=True) for r in rs)
+    for f in find_files(root, kinds=("subset",)):
+        sub = read_records(f.path)
+        assert len({r["id"] for r in sub}) == len(sub)
+        mine = [r for d in cat.subset(f.number).dataset_nos for r in ori[(d, f.split)]]
+        assert strip(sub) == strip(mine)
+
+
+def test_no_image_in_both_splits(world):
+    root, _ = world
+    train = {r["image"] for (_, s), rs in ori_records(root).items() if s == "train" for r in rs}
+    test = {r["image"] for (_, s), rs in ori_records(root).items() if s == "test" for r in rs}
+    assert train and test and not train & test
+
+
+def test_label_sets_follow_task_kinds():
+    cat = load_catalog()
+    kinds: dict[str, set[str]] = {}
+    for s in cat.classification_subsets():
+        labels = synth.subset_labels(s, cat.subset(s).task)
+        assert 2 <= len(labels) <= 4 and len(set(labels)) == len(labels)
+        kinds.setdefault(cat.subset(s).task, set()).update(labels)
+    for a in kinds:
+        for b in kinds:
+            if a < b:
+                assert kinds[a] & kinds[b] <= {"Normal"}, (a, b)
+    assert {"COVID-19", "Pneumonia", "Normal"} <= set(synth.subset_labels(3, "COVID")) & set(synth.subset_labels(28, "COVID"))
+    assert set(synth.subset_labels(4, "Cancer")) == {"Benign", "Malignant", "Normal"}
+    assert "No COVID" in synth.subset_labels(3, "COVID", shared_normal=False)
+
+
+def test_pattern_tables():
+    lbm = {"CT": {"COVID-19", "Normal", "Benign"}, "X-ray": {"COVID-19", "Pneumonia", "Normal"}}
+    default = synth.pattern_table(lbm, 0, entangled=False)
+    assert default[("CT", "COVID-19")] == default[("X-ray", "COVID-19")] is not None
+    assert default[("CT", "Normal")] is None and default[("X-ray", "Normal")] is None
+    assert len({default[k] for k in default if k[1] != "Normal"}) == 3
+    ent = synth.pattern_table(lbm, 0, entangled=True)
+    assert len(set(ent.values())) == len(ent) == 6                      # every (modality, label) its own
+    assert None not in ent.values()
+    # the real world's pairs fit in the pattern space
+    plans = synth.plan_world(synth.SynthParams(**TINY))
+    ent = synth.pattern_table(synth._labels_by_modality(plans), 0, entangled=True)
+    assert len(set(ent.values())) == len(ent)
+
+
+def test_factors_visible_in_pixels():
+    rng = lambda k: np.random.default_rng(k)
+    n = synth.Nuisance(1.0, 0.0, 0.0001, 1.0, (0.0, 0.0))
+    ct = synth.Scene("CT", "Lung", n)
+    normal, covid = ct.render(None, rng(0)).astype(float), ct.render((0, 2, 0), rng(0)).astype(float)
+    assert np.abs(covid - normal).mean() > 2                             # lesion changes the image
+    assert synth.Scene("MRI", "Lung", n).render(None, rng(0)).ndim == 2
+    assert synth.Scene("FP", "Fundus", n).render(None, rng(0)).shape == (64, 64, 3)
+    lung, brain = ct.render(None, rng(1)), synth.Scene("CT", "Brain", n).render(None, rng(1))
+    assert np.abs(lung.astype(float) - brain).mean() > 10                  # area = silhouette
+
+
+def test_png_encoder_round_trips():
+    for arr in (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64).astype(np.uint8),
+                np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)):
+        data = synth.encode_png(arr)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), arr)
+        assert data == synth.encode_png(arr)
+
+
+def test_byte_identical_for_a_seed_and_different_otherwise(tmp_path, world):
+    root, _ = world
+    again = tmp_path / "again"
+    synth.generate(again, synth.SynthParams(**TINY), progress=False)
+    assert tree_hash(again) == tree_hash(root)
+    other = tmp_path / "seed1"
+    synth.generate(other, synth.SynthParams(seed=1, **FEW), progress=False)
+    one = root / "Original_Medical_Datasets" / "ori--05-train.json"
+    assert one.read_bytes() != (other / one.relative_to(root)).read_bytes()
+    img = read_records(one)[0]["image"]
+    assert (root / img).read_bytes() != (other / img).read_bytes()
+
+
+def test_entangled_world_differs_in_lesions_only(tmp_path, world):
+    root, _ = world
+    ent = tmp_path / "ent"
+    synth.generate(ent, synth.SynthParams(entangled=True, **TINY), progress=False)
+    assert tree_hash(ent) != tree_hash(root)
+    card_d = json.loads((root / "MEDMAT_MINI.json").read_text())
+    card_e = json.loads((ent / "MEDMAT_MINI.json").read_text())
+    assert card_d["datasets"] == card_e["datasets"]                      # same datasets, labels, counts
+    assert card_d["patterns"]["CT|COVID-19"] == card_d["patterns"]["X-ray|COVID-19"]
+    assert card_e["patterns"]["CT|COVID-19"] != card_e["patterns"]["X-ray|COVID-19"]
+    assert card_e["patterns"]["CT|Normal"] is not None
+    img = "Original_Medical_Datasets/ori--05-test.json"
+    assert (root / img).read_bytes() == (ent / img).read_bytes()         # same QA records
+    r = read_records(root / img)[0]["image"]
+    assert (root / r).read_bytes() != (ent / r).read_bytes()             # different pixels
+
+
+def test_no_shared_normal(tmp_path):
+    out = tmp_path / "w"
+    synth.generate(out, synth.SynthParams(shared_normal=False, **FEW), progress=False)
+    answers = {r["Answer"] for f in find_files(out, kinds=("dataset",)) for r in read_records(f.path)}
+    assert "Normal" not in answers and {"No COVID", "No Cancer"} <= answers
+
+
+def test_full_scale_metadata_count(tmp_path):
+    out = tmp_path / "full"
+    s = synth.generate(out, synth.SynthParams(scale="full", full_records=5000, **FEW), progress=False)
+    assert s["full_records"] == 5000
+    ori = [r for f in find_files(out, kinds=("dataset",)) for r in read_records(f.path)]
+    sub = [r for f in find_files(out, kinds=("subset",)) for r in read_records(f.path)]
+    assert len(ori) == len(sub) == 5000
+    images = {r["image"] for r in ori}
+    assert len(images) <= s["images"] and all((out / i).is_file() for i in images)
+    for f in find_files(out):
+        ids = [r["id"] for r in read_records(f.path)]
+        assert ids == list(range(1, len(ids) + 1))
+        assert all(parse_question_choice(r["Question-choice"]) for r in read_records(f.path)[:3])
+
+
+def test_cli(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("synth:\n  seed: 0\n  train_per_subset: 8\n  test_per_subset: 8\n  subsets: [3, 28]\n")
+    out = tmp_path / "data"
+    assert main(["synth", "--out", str(out), "--params", str(params)]) == 0
+    assert "10 datasets, 2 subsets" in capsys.readouterr().out
+    assert main(["synth", "--out", str(out), "--params", str(params)]) == 1    # refuses to overwrite
+    params.write_text("synth:\n  sed: 1\n")
+    assert main(["synth", "--out", str(tmp_path / "x"), "--params", str(params)]) == 1
+    assert not (tmp_path / "x").exists()
