@@ -6,8 +6,10 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from medmat.cli import main
 from medmat.data.images import sha256_file
@@ -25,6 +27,13 @@ def _write(root: Path, rel: str, records) -> Path:
     return path
 
 
+def _write_noise(path: Path, seed: int) -> None:
+    """A JPEG of random pixels: distinct content per seed (flat colours can encode to equal bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG")
+
+
 def _records(root: Path, data_no: int, n: int, labels=("Normal", "Cyst", "Tumor"), folder=None, start=1):
     """n good records of dataset `data_no`, each with its own real image."""
     folder = folder or f"med-mat/ds{data_no}"
@@ -32,7 +41,7 @@ def _records(root: Path, data_no: int, n: int, labels=("Normal", "Cyst", "Tumor"
     for i in range(n):
         label = labels[i % len(labels)]
         image = f"{folder}/{label}/{start + i}.jpg"
-        write_jpeg(root / image, colour=(i % 256, 0, 0))
+        _write_noise(root / image, seed=data_no * 100_000 + start + i)
         options = list(labels)
         out.append(make_record(id=start + i, caption=label, image=image, question="What is shown?",
                                options=options, answer_index=options.index(label), data_no=data_no))
@@ -261,3 +270,16 @@ def test_derived_split_consistent_across_datasets_of_a_subset(tmp_path):
     train = set(df[df.split == "train"].image_sha256)
     test = set(df[df.split == "test"].image_sha256)
     assert not train & test
+
+
+def test_other_side_test_file_is_honoured(tmp_path):
+    # The per-dataset side has only a train file, the subset side ships the test split: keep it.
+    root = tmp_path / "data"
+    recs = _records(root, 2, 30)
+    _write(root, "Original_Medical_Datasets/ori--02-train.json", recs)
+    _write(root, "Aggregated_Subsets/Subset--02-train.json", recs[:25])
+    _write(root, "Aggregated_Subsets/Subset--02-test.json", recs[25:])
+    df, _, summary = ingest(root)
+    assert len(df) == 30 and summary.duplicates_skipped == 30
+    assert df.set_index("record_id").split.to_dict() == {
+        f"ori02-train-{i}": ("test" if i > 25 else "train") for i in range(1, 31)}

@@ -130,6 +130,7 @@ class _Ingest:
         self._seen: set[int] = set()   # keys (data-no, image, answer) of records already in the table
         self._parsed_qc: dict[str, tuple[str, list[str]]] = {}
         self._split_of_image: dict[tuple, str] = {}   # (subset_no, sha256 or path) -> first split given
+        self._other_side_test: dict[int, set[int]] = {}  # dataset_no -> keys of its test records, other side
 
     def problem(self, check: str, severity: str, file: str, message: str, index: int | None = None,
                 record_id: object = None, table_prefix: str | None = None) -> None:
@@ -275,11 +276,16 @@ class _Ingest:
         content = [(g[2][1], g[4][1] or g[4][0]) for g in good]
         if derive and n:
             s.derived_split_files += 1
-            split_of = self._split_of_image
+            split_of, other_test = self._split_of_image, self._other_side_test
+            # A dataset whose test split the other side ships keeps that split: its records there are
+            # test, its others train. Only the rest is derived.
+            forced = [
+                ("test" if k in other_test[g[2][0]] else "train") if g[2][0] in other_test else split_of.get(c)
+                for g, k, c in zip(good, keys, content)
+            ]
             cols["split"] = derive_split(
                 cols["answer_text"], list(zip(cols["image"], cols["image_sha256"])),
-                seed=self.params.seed, test_fraction=self.params.test_fraction,
-                forced=[split_of.get(c) for c in content])
+                seed=self.params.seed, test_fraction=self.params.test_fraction, forced=forced)
         for c, split in zip(content, cols["split"]):
             self._split_of_image.setdefault(c, split)
         for d in sorted({g[2][0] for g in good if g[2][1] is None}):
@@ -311,11 +317,31 @@ class _Ingest:
                          "no Original_Medical_Datasets/ori--NN-*.json or Aggregated_Subsets/Subset--NN-*.json "
                          "files under the data root")
         disable = (not sys.stderr.isatty()) if progress is None else not progress
+        to_derive = [f for f in files if f.kind == primary_kind and f.split == "train"
+                     and (f.kind, f.number) not in has_test]
+        other_tests = [f for f in files if f.kind != primary_kind and f.split == "test"]
+        if to_derive and other_tests:
+            self._read_other_side_tests(other_tests)
         for sf in tqdm(ordered, desc="ingest", unit="file", disable=disable):
             derive = sf.split == "train" and (sf.kind, sf.number) not in has_test
             table = self.file_table(sf, primary=sf.kind == primary_kind, derive=derive)
             if table is not None and table.num_rows:
                 yield table
+
+    def _read_other_side_tests(self, files: list[SourceFile]) -> None:
+        """Keys of the test records the other side ships, by dataset (a pre-pass over its test files
+        only; their faults are reported when they are read in the main pass)."""
+        for sf in files:
+            try:
+                records = read_records(sf.path, display=sf.rel)
+            except FormatError:
+                continue
+            for rec in records:
+                if type(rec) is not dict or type(rec.get("image")) is not str or type(rec.get("Answer")) is not str:
+                    continue
+                ds = self.dataset(rec.get("data-no")) if type(rec.get("data-no")) in _ID_TYPES else None
+                if ds is not None:
+                    self._other_side_test.setdefault(ds[0], set()).add(hash((ds[0], rec["image"], rec["Answer"])))
 
     def finish(self, started: float) -> IngestSummary:
         s = self.summary
