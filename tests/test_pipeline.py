@@ -102,3 +102,29 @@ def test_control_data_disabled_writes_a_note(tmp_path):
     p.write_text(yaml.safe_dump({"experiment": {"control": False}}))
     assert control_data(str(tmp_path / "control"), str(p)) == 0
     assert (tmp_path / "control" / "DISABLED.json").exists()
+
+
+def test_use_gpu_config_replaces_sections_and_keeps_the_rest(tmp_path):
+    from medmat.models import ModelConfig
+    from medmat.models.hf import HFConfig
+    from medmat.config import from_dict
+    from medmat.pipeline import ExperimentConfig, use_config
+    from medmat.train import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    p = tmp_path / "params.yaml"
+    p.write_text((repo / "params.yaml").read_text())
+    names = use_config(repo / "configs" / "gpu.yaml", p)
+    assert {"model", "train", "designs", "experiment"} <= set(names)
+    new, old = yaml.safe_load(p.read_text()), yaml.safe_load((tmp_path / "params.yaml.bak").read_text())
+    # the paper's recipe
+    assert new["train"]["epochs"] == 5 and new["train"]["batch_size"] == 32 and new["train"]["lr"] == 5e-6
+    assert new["designs"]["samples_per_subset"] == 3000 and new["designs"]["scaleup_total"] == 15000
+    assert from_dict(ModelConfig, new["model"]).backend == "hf"
+    from_dict(HFConfig, new["model"]["hf"])
+    from_dict(TrainConfig, new["train"])
+    from_dict(ExperimentConfig, new["experiment"])
+    # untouched sections stay as they were, comments of params.yaml included
+    for section in ("base", "tracking", "report"):
+        assert new[section] == old[section]
+    assert "# presentation only" in p.read_text()

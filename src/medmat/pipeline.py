@@ -270,6 +270,49 @@ def control_data(out: str, params: str = "params.yaml") -> int:
     return 0
 
 
+def use_config(overlay: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> list[str]:
+    """Replace whole top-level sections of `params` by those of `overlay`, keeping both files' comments.
+
+    Text-level on purpose: a YAML round trip would drop every comment of params.yaml. The old file is
+    kept as <params>.bak. Returns the replaced section names."""
+    import re
+    import shutil
+
+    import yaml
+
+    def blocks(text: str) -> tuple[list[str], dict[str, str]]:
+        """Top-level sections in order: each block is its key line, the indented/blank/comment lines after."""
+        order, out, current = [], {}, None
+        for line in text.splitlines(keepends=True):
+            m = re.match(r"^([A-Za-z_][\w-]*):", line)
+            if m:
+                current = m.group(1)
+                order.append(current)
+                out[current] = ""
+            if current is not None:
+                out[current] += line
+        return order, out
+
+    over_text = Path(overlay).read_text(encoding="utf-8")
+    yaml.safe_load(over_text)  # a broken overlay is an error before anything is touched
+    params_path = Path(params)
+    text = params_path.read_text(encoding="utf-8")
+    _, over = blocks(over_text)
+    order, mine = blocks(text)
+    head = text[: text.index(mine[order[0]])] if order else text
+    for name, block in over.items():
+        if name not in mine:
+            order.append(name)
+        mine[name] = block.rstrip("\n") + "\n\n"
+    new = head + "".join(mine[n] for n in order)
+    yaml.safe_load(new)
+    shutil.copyfile(params_path, str(params_path) + ".bak")
+    tmp = params_path.with_name(f".{params_path.name}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, params_path)
+    return list(over)
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
@@ -286,11 +329,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = sub.add_parser("control-data", help="generate + ingest + design the --entangled world")
     d.add_argument("--out", required=True, help="folder: data/, records.parquet, designs/")
     d.add_argument("--params", default="params.yaml")
+    u = sub.add_parser("use-config", help="switch params.yaml to another configuration (e.g. configs/gpu.yaml)")
+    u.add_argument("overlay", help="YAML file of whole params.yaml sections to put in place")
+    u.add_argument("--params", default="params.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "control-data":
         return control_data(args.out, args.params)
+    if args.action == "use-config":
+        try:
+            names = use_config(args.overlay, args.params)
+        except Exception as exc:  # noqa: BLE001 - missing file or broken YAML: say which, touch nothing
+            print(f"use-config: {args.overlay}: {exc}")
+            return 2
+        print(f"{args.params}: sections {', '.join(names)} now from {args.overlay} (old file: {args.params}.bak)")
+        return 0
     try:
         result = run_cell(designs_dir=args.designs, records=args.records, target=args.target, arm=args.arm,
                           out=args.out, metrics=args.metrics, params=args.params, world=args.world,
