@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from medmat.catalog import CatalogError, load_catalog, parse_target
 
@@ -24,6 +25,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `medmat catalog | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     cat = load_catalog()
     try:
         if args.check:

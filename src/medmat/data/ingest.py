@@ -8,6 +8,11 @@ only adds records the primary lacks (same data-no, image and answer); the rest a
 duplicates and skipped. Bad input never stops the run: each bad file or record becomes a problem
 entry {check, severity, file, record_id, index, message} in the problems JSON, and every good record
 still reaches the table. The validate stage reads that file and decides what is fatal.
+
+Splits: a file's own split (`-train`/`-test`); where a dataset has only a train file, the test split
+the other side ships for it, else a derived one (medmat_format.derive_split: seeded, label-balanced,
+~10 %, never one image on both sides, and an image keeps its split across the files of a subset).
+Record ids are `{ori|sub}{NN}-{file split}-{id}`: the file's split, so ids never move with the seed.
 """
 
 from __future__ import annotations
