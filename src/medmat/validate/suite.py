@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from medmat.validate.checks import (
-    CHECKS, CRITICAL, NOT_CHECKED, WARNING, ValidateParams, _LEXICAL_ESCAPE, prepare,
+    CHECKS, CRITICAL, NEEDED, NOT_CHECKED, WARNING, ValidateParams, _LEXICAL_ESCAPE, prepare,
 )
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="parameter file; section `validate` (defaults when the file is absent)")
 
 
+def read_records_table(path: str | os.PathLike) -> pd.DataFrame:
+    """The columns of a records table the checks read; options stay Arrow lists (no per-row Python
+    objects: at full scale that conversion alone costs more than the checks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=NEEDED)
+    return table.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
+
+
 def load_params(path: Path) -> ValidateParams:
     from medmat.config import from_dict, load_params as load_all
 
@@ -356,7 +366,7 @@ def load_params(path: Path) -> ValidateParams:
 
 def run(args: argparse.Namespace) -> int:
     from medmat.config import ConfigError
-    from medmat.data.ingest import default_problems_path, load_records_table, read_problems
+    from medmat.data.ingest import default_problems_path, read_problems
 
     try:
         params = load_params(args.params)
@@ -378,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"validate: problems file {problems_path} not found", file=sys.stderr)
         return 2
     try:
-        records = load_records_table(args.records)
+        records = read_records_table(args.records)
     except Exception as exc:  # noqa: BLE001 - any unreadable table is one clear failure, not a traceback
         records = None
         problems.append({"check": "records_file", "severity": CRITICAL, "file": str(args.records),

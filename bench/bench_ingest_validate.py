@@ -1,0 +1,168 @@
+"""Benchmark: ingest and validation of full-scale Med-MAT metadata (~2.36M records) against the floor
+of merely parsing the same JSON files.
+
+    python bench/bench_ingest_validate.py [--work DIR] [--records N] [--keep]
+
+Generates Med-MAT-mini with full-scale metadata (`medmat synth --scale full`: every record points at a
+real image of the mini pool) into a temporary folder, then runs each phase in its own process so each
+peak memory (ru_maxrss) is its own:
+  floor     json.load of every JSON file the ingest reads (and orjson, which the ingest uses, beside it)
+  ingest    medmat.data.ingest.ingest_to_parquet -> records.parquet + problems JSON
+  validate  medmat.validate: read the table, compute columns, decode each unique image once, GX checks
+Prints records/s and peak memory of each, the ratio (ingest + validate) / floor (target <= 3x), and
+the machine. Not a test: it takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: kilobytes
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process (all threads). Shown beside wall time: on a shared 2-core machine
+    other people's jobs stretch wall time, not CPU time."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def phase_floor(data: Path, work: Path) -> dict:
+    files = sorted(p for p in data.rglob("*.json") if p.parent.name in ("Original_Medical_Datasets",
+                                                                          "Aggregated_Subsets"))
+    t0, c0 = time.perf_counter(), _cpu_s()
+    n = 0
+    for p in files:
+        with p.open(encoding="utf-8") as fh:
+            n += len(json.load(fh))
+    json_s, json_cpu = time.perf_counter() - t0, _cpu_s() - c0
+    out = {"files": len(files), "records_parsed": n, "seconds": json_s, "json_cpu_seconds": json_cpu,
+           "bytes": sum(p.stat().st_size for p in files), "peak_mb": _peak_mb()}
+    try:
+        import orjson
+        t0 = time.perf_counter()
+        for p in files:
+            orjson.loads(p.read_bytes())
+        out["orjson_seconds"] = time.perf_counter() - t0
+    except ImportError:
+        pass
+    return out
+
+
+def phase_ingest(data: Path, work: Path) -> dict:
+    from medmat.data.ingest import default_problems_path, ingest_to_parquet, write_problems
+
+    out = work / "records.parquet"
+    t0 = time.perf_counter()
+    problems, summary = ingest_to_parquet(data, out, progress=False)
+    write_problems(default_problems_path(out), problems, summary, str(out))
+    return {"seconds": time.perf_counter() - t0, "records": summary.records,
+            "duplicates_skipped": summary.duplicates_skipped, "problems": len(problems),
+            "unique_images": summary.unique_images, "peak_mb": _peak_mb()}
+
+
+def phase_validate(data: Path, work: Path) -> dict:
+    from medmat.data.ingest import read_problems
+    from medmat.validate import ValidateParams, validate_records, write_report
+    from medmat.validate.suite import read_records_table, summary_lines
+
+    t0 = time.perf_counter()
+    records = read_records_table(work / "records.parquet")
+    read_s = time.perf_counter() - t0
+    report = validate_records(records, data.resolve(), ValidateParams(),
+                              read_problems(work / "records.problems.json"))
+    write_report(work / "validation.json", report)
+    return {"seconds": time.perf_counter() - t0, "read_seconds": read_s, "records": report["records"],
+            "stages": report["seconds"], "passed": report["passed"], "summary": summary_lines(report)[-1],
+            "peak_mb": _peak_mb()}
+
+
+PHASES = {"floor": phase_floor, "ingest": phase_ingest, "validate": phase_validate}
+
+
+def machine() -> str:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor() or "unknown CPU")
+    mem = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")), 0)
+    return (f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {model}, "
+            f"{mem / 2**20:.1f} GiB RAM, Python {platform.python_version()}")
+
+
+def run_phase(name: str, data: Path, work: Path) -> dict:
+    env = {**os.environ, "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--data", str(data), "--work", str(work)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"phase {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
+    ap.add_argument("--records", type=int, default=None, help="full-scale records (default: synth's ~2.36M)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:   # child process: one phase, one JSON line
+        cpu0 = _cpu_s()
+        out = PHASES[args.phase](args.data, args.work)
+        out["cpu_seconds"] = _cpu_s() - cpu0
+        print(json.dumps(out))
+        return 0
+
+    from medmat.data.synth import SynthParams, generate
+
+    base = Path(tempfile.mkdtemp(prefix="medmat-bench-", dir=args.work))
+    data, work = base / "data", base / "work"
+    work.mkdir()
+    try:
+        params = SynthParams(scale="full", **({"full_records": args.records} if args.records else {}))
+        t0 = time.perf_counter()
+        world = generate(data, params, progress=False)
+        print(f"generated: {world} in {time.perf_counter() - t0:.0f} s", flush=True)
+        res = {}
+        for name in ("floor", "ingest", "validate"):
+            res[name] = run_phase(name, data, work)
+            print(f"{name}: {json.dumps(res[name])}", flush=True)
+        fl, ing, val = res["floor"], res["ingest"], res["validate"]
+        n = ing["records"]
+        print("\n=== ingest + validate of full-scale Med-MAT metadata ===")
+        print(f"machine:  {machine()}")
+        print(f"input:    {fl['files']} JSON files, {fl['bytes'] / 2**20:.0f} MiB, {fl['records_parsed']:,} records "
+              f"(both sides: per-dataset and per-subset files); {n:,} records in the table")
+        print(f"floor:    json.load {fl['seconds']:.1f} s ({fl['records_parsed'] / fl['seconds']:,.0f} records/s), "
+              f"peak {fl['peak_mb']:.0f} MB" + (f"; orjson {fl['orjson_seconds']:.1f} s" if "orjson_seconds" in fl else ""))
+        print(f"ingest:   {ing['seconds']:.1f} s ({n / ing['seconds']:,.0f} records/s), peak {ing['peak_mb']:.0f} MB")
+        print(f"validate: {val['seconds']:.1f} s ({n / val['seconds']:,.0f} records/s; read {val['read_seconds']:.1f} s, "
+              f"stages {val['stages']}), peak {val['peak_mb']:.0f} MB; {val['summary']}")
+        ratio = (ing["seconds"] + val["seconds"]) / fl["seconds"]
+        cpu_ratio = (ing["cpu_seconds"] + val["cpu_seconds"]) / fl["json_cpu_seconds"]
+        print(f"cpu:      floor {fl['json_cpu_seconds']:.1f} s, ingest {ing['cpu_seconds']:.1f} s, "
+              f"validate {val['cpu_seconds']:.1f} s (CPU seconds, all threads)")
+        print(f"ratio:    (ingest + validate) / floor = {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU (target <= 3x) -> "
+              f"{'MET' if ratio <= 3 else 'MISSED'}")
+    finally:
+        if args.keep:
+            print(f"kept: {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
