@@ -164,6 +164,28 @@ def test_full_finetune_round_trip_freezes_the_vision_tower(world, tmp_path):
     np.testing.assert_allclose(reloaded.score_options(rows[:4]), scores, atol=1e-4)
 
 
+def test_logged_pyfunc_model_answers_a_question(world, tmp_path):
+    """MLflow model of an hf run = adapter + base reference; pyfunc.load_model answers like the backend."""
+    import mlflow
+
+    from medmat.tracking import TrackingConfig, log_model, setup
+
+    root, df = world
+    path = BUILDERS["llava"](tmp_path / "llava", seed=3)
+    backend = build_hf({"path": str(path), "lora": {"r": 4}}, data_root=root)
+    backend.save(tmp_path / "model")
+    rows = df.to_dict("records")[:4]
+    expected = ["AB"[int(np.argmax(s))] for s in backend.score_options(rows)]
+
+    setup(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"),
+                         experiment="hf-pyfunc"))
+    with mlflow.start_run():
+        uri = log_model(tmp_path / "model")
+    model = mlflow.pyfunc.load_model(uri)
+    frame = pd.DataFrame({"image": [r["image_path"] for r in rows], "question_choice": [r["question_choice"] for r in rows]})
+    assert list(model.predict(frame)) == expected
+
+
 def test_missing_path_is_a_clear_error_without_any_download(tmp_path, monkeypatch):
     import transformers
 
