@@ -360,6 +360,9 @@ def test_cli_untrained_baseline_is_its_own_tracked_run(world, store, tmp_path, m
     assert run.data.tags["medmat.seed"] == "3"
     assert run.data.tags["medmat.backend"] == "tiny"
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    # the untrained model is saved and logged like a trained one (the registry treats every arm alike)
+    assert (out / "model" / models.BACKEND_FILE).is_file()
+    assert [o.model_id for o in run.outputs.model_outputs]
     # Same seed, same untrained model, same predictions (the Baseline is reproducible).
     out2 = tmp_path / "baseline2"
     assert main(["evaluate", "--model", "untrained", "--backend-params", str(params), "--params", str(params),

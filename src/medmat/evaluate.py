@@ -436,6 +436,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arm", help="arm tag for a new run (default: baseline for --model untrained)")
     parser.add_argument("--target-tag", help="target tag for a new run (default: from --target)")
     parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--no-log-model", action="store_true",
+                        help="with --model untrained: do not save OUT/model and log it to the run (by default the "
+                             "untrained model is logged like a trained one, so the registry can treat every arm alike)")
 
 
 def select_records(records_path: str, target: int | None, split: str, manifest: str | None):
@@ -536,6 +539,10 @@ def run(args: argparse.Namespace) -> int:
                 mlflow.log_artifact(str(f), artifact_path=f"evaluation/{prefix}")
             if not run_id:
                 tracking.write_run_id(out, mlrun.info.run_id)
+            if untrained and not args.no_log_model:
+                # The untrained model exists only in memory: save it so the run holds a loadable model.
+                backend.save(out / "model")
+                tracking.log_model(out / "model")
     except Exception as exc:  # the metrics are on disk; say clearly that only tracking failed
         log.error("evaluation written to %s, but logging to MLflow run %s failed: %s", out, run_id or "(new)", exc)
         return 3
