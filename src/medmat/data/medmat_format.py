@@ -277,7 +277,8 @@ def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]]
     if n == 0:
         return []
     # Union-find over the distinct key tuples (few: images repeat across records), not the records.
-    tuples = list(dict.fromkeys(tuple(k) for k in image_keys))
+    image_keys = [k if type(k) is tuple else tuple(k) for k in image_keys]
+    tuples = list(dict.fromkeys(image_keys))
     parent = list(range(len(tuples)))
 
     def find(i: int) -> int:
@@ -297,7 +298,7 @@ def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]]
                 if a != b:
                     parent[max(a, b)] = min(a, b)
     root_of_tuple = {tup: find(t) for t, tup in enumerate(tuples)}
-    group = [root_of_tuple[tuple(k)] for k in image_keys]
+    group = [root_of_tuple[k] for k in image_keys]
 
     # Each group is named by its smallest key, so its place in the draw ignores file order.
     name: dict[int, str] = {}
