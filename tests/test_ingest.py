@@ -27,6 +27,11 @@ def _write(root: Path, rel: str, records) -> Path:
     return path
 
 
+def _no_params(tmp_path: Path) -> list[str]:
+    """Keep CLI tests independent of the repository's params.yaml (absent file = defaults)."""
+    return ["--params", str(tmp_path / "absent-params.yaml")]
+
+
 def _write_noise(path: Path, seed: int) -> None:
     """A JPEG of random pixels: distinct content per seed (flat colours can encode to equal bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +55,7 @@ def _records(root: Path, data_no: int, n: int, labels=("Normal", "Cyst", "Tumor"
 
 def test_sample_record_ingests(sample_world, sample_record, tmp_path, capsys):
     out = tmp_path / "work" / "records.parquet"
-    assert main(["ingest", "--data", str(sample_world), "--out", str(out)]) == 0
+    assert main(["ingest", "--data", str(sample_world), "--out", str(out), *_no_params(tmp_path)]) == 0
     assert "ingest: 1 records" in capsys.readouterr().out
     df = load_records_table(out)
     assert list(df.columns) == [c for c, _ in COLUMNS]
@@ -120,7 +125,8 @@ def test_bad_input_becomes_problem_entries(tmp_path, sample_record, capsys):
     _bad_world(root, sample_record)
     out = tmp_path / "records.parquet"
     problems_path = tmp_path / "problems.json"
-    code = main(["ingest", "--data", str(root), "--out", str(out), "--problems", str(problems_path)])
+    code = main(["ingest", "--data", str(root), "--out", str(out), "--problems", str(problems_path),
+                 "--read", "datasets", *_no_params(tmp_path)])
     assert code == 0
     problems = read_problems(problems_path)
     critical = {(p["check"], p["file"], p["record_id"], p["index"]) for p in problems if p["severity"] == "critical"}
@@ -148,15 +154,15 @@ def test_nothing_readable_exits_nonzero(tmp_path):
     (root / "Original_Medical_Datasets").mkdir(parents=True)
     (root / "Original_Medical_Datasets" / "ori--02-train.json").write_text("[", encoding="utf-8")
     out = tmp_path / "records.parquet"
-    assert main(["ingest", "--data", str(root), "--out", str(out)]) == 1
+    assert main(["ingest", "--data", str(root), "--out", str(out), *_no_params(tmp_path)]) == 1
     assert not out.exists()
     problems = read_problems(tmp_path / "records.problems.json")
     assert [p["check"] for p in problems] == ["json"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["ingest", "--data", str(empty), "--out", str(out)]) == 1
+    assert main(["ingest", "--data", str(empty), "--out", str(out), *_no_params(tmp_path)]) == 1
     assert read_problems(tmp_path / "records.problems.json")[0]["check"] == "no_files"
-    assert main(["ingest", "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert main(["ingest", "--data", str(tmp_path / "nowhere"), "--out", str(out), *_no_params(tmp_path)]) == 1
 
 
 def test_symlink_escape_is_a_problem(tmp_path, sample_record):
