@@ -206,6 +206,22 @@ def test_missing_path_is_a_clear_error_without_any_download(tmp_path, monkeypatc
         build_hf({"path": "llava-hf/llava-1.5-7b-hf"})
 
 
+def test_unreadable_image_is_an_error_naming_the_record(checkpoint, world, tmp_path):
+    from medmat.data.images import ImageError
+
+    family, path = checkpoint
+    root, df = world
+    backend = build_hf({"path": str(path)}, data_root=root)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    row = {**df.to_dict("records")[0], "record_id": "ori01-train-broken", "image_path": str(tmp_path / "broken.png")}
+    with pytest.raises(ImageError, match="ori01-train-broken"):
+        backend.collate([row])
+    # a relative path is resolved inside the data root and may not escape it
+    row = {**row, "image_path": "", "image": "../outside.png"}
+    with pytest.raises(ImageError, match="ori01-train-broken.*data root"):
+        backend.score_options([row])
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="lroa"):
         build_hf({"path": "x", "lroa": {}})

@@ -16,7 +16,6 @@ directory makes transformers try the Hub) and every load passes local_files_only
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,6 @@ from medmat.config import ConfigError, from_dict
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJ"
-INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 # LoRA on the language model's attention and MLP projections only. The vision towers of LLaVA (CLIP) and
 # others also have modules named q_proj/k_proj/..., so a plain name list would adapt them too; PEFT
@@ -90,8 +88,7 @@ class HFConfig:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
@@ -140,21 +137,22 @@ def load_processor(path: Path, model_type: str, trust_remote_code: bool = False)
     return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def _load_image(path: str, data_root: str | os.PathLike | None):
-    """Records carry absolute image paths; relative ones resolve under data_root."""
-    p = Path(path)
-    if not p.is_absolute() and data_root is not None:
-        p = Path(data_root) / p
-    try:
-        from medmat.data.images import load_image  # safe loading (DICOM, confinement) when present
-    except ImportError:  # pragma: no cover - the data layer provides it
-        load_image = None
-    if load_image is not None:
-        return load_image(p)
-    from PIL import Image
+def load_row_image(row: dict, data_root: str | os.PathLike | None):
+    """The record's image as RGB. `image_path` is absolute in the records table; without it the
+    relative `image` is resolved inside data_root (refusing paths that escape it). Errors name the record."""
+    from medmat.data.images import ImageError, load_image, resolve_image_path
 
-    with Image.open(p) as im:
-        return im.convert("RGB")
+    try:
+        path = row.get("image_path") or ""
+        if not path:
+            if data_root is None:
+                raise ImageError(f"no image_path, and no data root to resolve image {row.get('image')!r}")
+            path = resolve_image_path(data_root, row.get("image"))
+        elif not Path(path).is_absolute() and data_root is not None:
+            path = resolve_image_path(data_root, path)
+        return load_image(path)
+    except ImageError as exc:
+        raise ImageError(f"record {row.get('record_id', '?')}: {exc}") from None
 
 
 def projector_module_names(model) -> list[str]:
@@ -202,6 +200,10 @@ class HFBackend:
         kwargs: dict[str, Any] = dict(dtype=self.dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
+        if self.device.type == "cuda":
+            # Load the shards straight onto this process's GPU: no host-RAM copy of the whole model per
+            # process (8 processes x 14 GB for a 7B model would otherwise pass through host memory).
+            kwargs["device_map"] = {"": str(self.device)}
         model = AutoModelForImageTextToText.from_pretrained(weights_dir, **kwargs)
         self.model_type = model.config.model_type
         self.processor = load_processor(weights_dir if model_dir is not None else base, self.model_type,
@@ -225,6 +227,9 @@ class HFBackend:
             model = self._wrap_lora(model, adapter_dir)
         self.model = model.to(self.device)
         self._letter_ids = self._single_token_letters()
+        trainable, total = self.trainable_parameters()
+        log.info("hf: %s (%s) on %s, %s; %.1fM of %.1fM parameters trainable", weights_dir, self.model_type,
+                 self.device, "full fine-tuning" if cfg.full_finetune else "LoRA", trainable / 1e6, total / 1e6)
 
     # -- model set-up -----------------------------------------------------------------------------
     def _freeze_for_full(self, model) -> None:
@@ -264,7 +269,7 @@ class HFBackend:
         return f"{self.processor.image_token}\n{question}\nAnswer:"
 
     def _image(self, row: dict):
-        img = _load_image(row["image_path"], self.data_root)
+        img = load_row_image(row, self.data_root)
         if self.cfg.image_size:
             img = img.resize((self.cfg.image_size, self.cfg.image_size))
         return img
@@ -444,12 +449,8 @@ def load_hf(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = 
 
     d = Path(model_dir)
     info = read_backend_file(d)
-    values = dict(info.get("hf", {}))
-    lora = values.get("lora")
-    values.update(overrides)
-    cfg = from_dict(HFConfig, values, where=f"{d}/model.hf")
-    if isinstance(lora, dict):
-        cfg.lora = from_dict(LoraConfig, lora, where=f"{d}/model.hf.lora")
+    values = {**info.get("hf", {}), **overrides}
+    cfg = from_dict(HFConfig, values, where=f"{d}/medmat_backend.json: hf")
     if info.get("mode") == "full":
         return HFBackend(cfg, data_root=data_root, model_dir=d / "model")
     cfg.path = info.get("base_path", cfg.path)
