@@ -166,3 +166,8 @@ def test_derived_split_follows_forced_images():
     split = derive_split(labels, keys, seed=0, forced=forced)
     assert split[0] == "test" and split[1] == "train" and split[2] == split[3] == "test"
     assert derive_split(labels, keys, seed=0, forced=forced) == split
+
+
+def test_records_without_image_keys_are_separate_groups():
+    split = derive_split(["a"] * 40, [("",)] * 40, seed=0)
+    assert Counter(split) == {"train": 36, "test": 4}

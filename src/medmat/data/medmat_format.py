@@ -278,6 +278,9 @@ def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]]
         return []
     # Union-find over the distinct key tuples (few: images repeat across records), not the records.
     image_keys = [k if type(k) is tuple else tuple(k) for k in image_keys]
+    # A record with no usable key is its own group (not one group of all key-less records).
+    image_keys = [k if any(x is not None and x != "" for x in k) else (("\x00record", i),)
+                  for i, k in enumerate(image_keys)]
     tuples = list(dict.fromkeys(image_keys))
     parent = list(range(len(tuples)))
 
