@@ -198,3 +198,58 @@ def test_outputs_best_mixture_and_history(tmp_path):
 def test_trials_to_reach():
     assert search.trials_to_reach([0.1, None, 0.5, 0.7], 0.5) == 3
     assert search.trials_to_reach([0.1, 0.2], 0.5) is None
+
+
+@pytest.mark.slow
+def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
+    """synth -> ingest -> designs -> `medmat search` (real train_model) -> resume with more trials and
+    two workers; outputs, one parent MLflow run with one nested run per trial."""
+    import mlflow
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["designs"].update(samples_per_subset=60, scaleup_total=300, dev_size=30)
+    params["train"].update(max_steps=15, eval_every=5, checkpoint_every=0)
+    params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    params["tracking"]["artifact_root"] = str(tmp_path / "mlruns/artifacts")
+    params["search"].update(storage=f"sqlite:///{tmp_path}/mlruns/optuna.db", pruner_warmup_steps=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**_env(), "MLFLOW_TRACKING_URI": params["tracking"]["tracking_uri"], "HF_HUB_OFFLINE": "1"}
+
+    def medmat(*argv):
+        res = subprocess.run([sys.executable, "-m", "medmat.cli", *argv], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    medmat("synth", "--out", "data", "--params", "params.yaml", "--train-per-subset", "80", "--test-per-subset", "20")
+    medmat("ingest", "--data", "data", "--out", "work/records.parquet", "--params", "params.yaml")
+    medmat("designs", "--records", "work/records.parquet", "--targets", "6", "--out", "work/designs",
+           "--params", "params.yaml")
+    args = ["search", "--target", "6", "--records", "work/records.parquet", "--designs", "work/designs",
+            "--out", "work/search/06", "--params", "params.yaml"]
+    medmat(*args, "--trials", "5")
+    storage = params["search"]["storage"]
+    trials = _trials(storage, "medmat-search-06")
+    assert sum(t.state in search.FINISHED for t in trials) == 5
+    # CT-Brain-Cancer: three Related directions + All Related are the first four trials
+    assert [t.user_attrs.get(search.WARM) for t in trials[:4]] == [
+        "all_related", "related_fixed_area", "related_fixed_modality", "related_fixed_task"]
+    best = json.loads((tmp_path / "work/search/06/best_mixture.json").read_text())
+    assert best["components"] and 0.0 <= best["dev_accuracy"] <= 1.0
+    assert "06" not in best["components"]  # the target never trains on itself
+
+    medmat(*args, "--trials", "7", "--workers", "2")  # resume by name: two more, no warm start again
+    trials = _trials(storage, "medmat-search-06")
+    assert sum(t.state in search.FINISHED for t in trials) == 7 and len(trials) == 7
+    assert sum(search.WARM in t.user_attrs for t in trials) == 4
+    rows = list(csv.DictReader((tmp_path / "work/search/06/history.csv").open()))
+    assert len(rows) == 7
+
+    client = mlflow.MlflowClient(params["tracking"]["tracking_uri"])
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    parents = client.search_runs([exp.experiment_id], "tags.`medmat.kind` = 'search'")
+    assert len(parents) == 1  # the resumed search logs under the same parent
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(int(r.data.params["trial"]) for r in children) == list(range(7))
+    assert all("dev_accuracy" in r.data.metrics and "mixture" in r.data.params for r in children)
