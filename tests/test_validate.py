@@ -397,3 +397,13 @@ def test_unreadable_records_table_is_a_clear_failure(world, capsys):
     code, report = validate(world, records=bogus)
     assert code == 1
     assert_names(report, "ingest.records_file", str(bogus), None)
+
+
+def test_label_absent_from_test_set_is_reported(world):
+    for dataset in (3, 4):
+        _write(world, dataset, "test", [r for r in read(world, dataset, "test") if r["Answer"] != "Normal"])
+    code, report = pipeline(world)
+    assert code == 0   # a warning by default
+    sub3 = next(b for b in report["test_label_balance"] if b["test_set"] == "subset 03")
+    assert sub3["counts"]["Normal"] == 0 and sub3["largest_to_smallest"] is None
+    assert "'Normal': 0" in failing(report)["test_label_balance"]["failures"][0]["message"]

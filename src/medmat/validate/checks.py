@@ -135,21 +135,25 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     n_opt = pc.fill_null(pc.list_value_length(opts), 0).to_numpy().astype(np.int64)
     flat = pc.list_flatten(opts)
     parent = pc.list_parent_indices(opts).to_numpy()
-    answers = records["answer_text"].astype(object).to_numpy()
-    codes, texts = pd.factorize(np.concatenate([flat.to_numpy(zero_copy_only=False), answers]))
-    flat_code, answer_code = codes[: len(flat)].astype(np.int64), codes[len(flat):].astype(np.int64)
-    k = int(codes.max()) + 2 if len(codes) else 1
+    # One integer code per text (options and answers together), by Arrow's dictionary encoding:
+    # millions of option strings never become Python objects.
+    answers = pa.array(records["answer_text"], type=pa.string(), from_pandas=True)
+    if isinstance(answers, pa.ChunkedArray):   # pandas' Arrow-backed strings come chunked
+        answers = answers.combine_chunks()
+    enc = pc.dictionary_encode(pc.fill_null(pa.concat_arrays([flat, answers]), ""))
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    texts = enc.dictionary.to_numpy(zero_copy_only=False)
+    flat_code, answer_code = codes[: len(flat)], codes[len(flat):]
+    k = len(texts) + 1
     pair = np.unique(parent.astype(np.int64) * k + flat_code)
     f["n_options"] = n_opt
     f["n_distinct_options"] = np.bincount(pair // k, minlength=n)[:n]
     letter_idx = records["answer_letter"].map(
         {chr(65 + i): i for i in range(26)}).fillna(-1).astype(np.int64).to_numpy()
     valid = (letter_idx >= 0) & (letter_idx < n_opt)
-    offsets = opts.offsets.to_numpy()[:n]
-    flat_np = flat.to_numpy(zero_copy_only=False)
-    answer_option = np.full(n, None, dtype=object)
-    answer_option[valid] = flat_np[offsets[valid] + letter_idx[valid]]
-    f["answer_option"] = answer_option
+    offsets = opts.offsets.to_numpy()[:n] - opts.offsets[0].as_py()   # positions in `flat`
+    take = pa.array(np.where(valid, offsets + letter_idx, 0), mask=~valid)
+    f["answer_option"] = pc.take(flat, take).to_pandas()
 
     # Label set of a subset (of the dataset, when it has none): the texts offered as distractors in
     # its records. Distractors are drawn from the subset's other labels, so every real label turns up
@@ -167,7 +171,7 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     # so a label missing from the test set shows as 0 rather than vanishing.
     uniq_codes, first = np.unique(group_code, return_index=True)
     all_pairs = np.unique(group_code[parent] * k + flat_code)
-    labels_of = pd.Series(np.asarray(texts, dtype=object)[all_pairs % k], dtype=object).groupby(
+    labels_of = pd.Series(texts[all_pairs % k], dtype=object).groupby(
         all_pairs // k).agg(lambda s: sorted(set(s)))
     f.attrs["labels"] = {int(group[first[i]]): labels_of.get(c, []) for i, c in enumerate(uniq_codes)}
     f["_group_size"] = np.bincount(group_code)[group_code]
