@@ -386,7 +386,7 @@ def write_outputs(result: EvalResult, out_dir: Path, extra: dict[str, Any] | Non
     for sub, conf in result.confusion.items():
         s = result.per_subset[sub]
         title = (
-            f"subset {sub}{_triplet_suffix(sub)}: acc {s['accuracy']:.3f} "
+            f"subset {sub}{_triplet_suffix(sub)}\naccuracy {s['accuracy']:.3f} "
             f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}], n={s['n']} ({result.scorer})"
         )
         path = out_dir / f"confusion_{sub}.png"
@@ -483,6 +483,9 @@ def _seed_everything(seed: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from medmat import config
     from medmat import tracking
+
+    # torch logs FakeTensor cache statistics at INFO on exit; the CLI's INFO root logger would print them.
+    logging.getLogger("torch").setLevel(logging.WARNING)
 
     try:
         cfg = config.load_section(EvalConfig, "evaluate", args.params) if Path(args.params).exists() else EvalConfig()
