@@ -252,6 +252,11 @@ class HFBackend:
             raise ConfigError(f"model.hf.lora.target_modules {self.cfg.lora.target_modules!r} matched no module "
                               f"of {self.cfg.path}: {exc}") from None
 
+    def _unwrapped(self):
+        """self.model without the DDP wrapper the trainer may have put around it (DDP has no generate)."""
+        model = self.model
+        return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
     def trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
@@ -389,7 +394,7 @@ class HFBackend:
         try:
             batch = self._to_device(self.collate(rows, answers=[""] * len(rows), padding_side="left"))
             batch.pop("labels")
-            out = self.model.generate(
+            out = self._unwrapped().generate(
                 **batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False, use_cache=True,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
@@ -407,9 +412,7 @@ class HFBackend:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            model = self.model
-            if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # trainer left it wrapped
-                model = model.module
+            model = self._unwrapped()
             if self.cfg.full_finetune:
                 model.save_pretrained(tmp / "model")
                 self.processor.save_pretrained(tmp / "model")
