@@ -229,7 +229,11 @@ def main(argv=None) -> int:
         return 2
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from medmat.models.hf import LoraConfig, wrap_lora
+    try:
+        from medmat.models.hf import LoraConfig, wrap_lora
+    except ImportError:  # run from a checkout without `pip install -e .`
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
+        from medmat.models.hf import LoraConfig, wrap_lora
 
     if args.smoke:
         device, dtype, shape = torch.device("cpu"), torch.float32, QWEN2VL_SMOKE
