@@ -252,4 +252,7 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     assert len(parents) == 1  # the resumed search logs under the same parent
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert sorted(int(r.data.params["trial"]) for r in children) == list(range(7))
-    assert all("dev_accuracy" in r.data.metrics and "mixture" in r.data.params for r in children)
+    assert all("dev_accuracy" in r.data.metrics and json.loads(r.data.params["mixture"]) for r in children)
+    by_trial = {int(r.data.params["trial"]): r for r in children}
+    for t in trials:  # the nested run holds the trial's own mixture
+        assert json.loads(by_trial[t.number].data.params["mixture"]) == t.user_attrs[search.MIXTURE]

@@ -596,7 +596,9 @@ def train_objective(problem: TargetProblem, cfg: SearchConfig, params_path: Path
                 raise optuna.TrialPruned(f"pruned at step {step} (dev accuracy {dev_acc:.3f})")
 
         with tracking.tracked_run(track_cfg, run_name=f"trial-{trial.number}", tags=tags,
-                                  params={"trial": trial.number, "mixture": mixture},
+                                  # the mixture as one JSON param (readable in the UI's run table)
+                                  params={"trial": trial.number, "mixture": json.dumps(mixture, sort_keys=True),
+                                          "mixture_total": sum(mixture.values())},
                                   parent_run_id=parent_run_id) as run:
             trial.set_user_attr(MLFLOW_RUN, run.info.run_id)
             tracking.log_mixture(manifest, tags.get("medmat.data_version", "untracked"))
