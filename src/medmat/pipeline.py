@@ -52,6 +52,7 @@ class ExperimentConfig:
     # `train:` keys overridden for every cell (as `medmat train --max-steps ...` would): the demo trains
     # shorter than `train:` to fit ~100 runs into 15 minutes on 2 cores; empty = `train:` as it is.
     train_overrides: dict = dataclasses.field(default_factory=dict)
+    workers: int = 2  # seeds trained in parallel processes inside a cell (1 torch thread each)
 
 
 def load_experiment(params_path: str | os.PathLike = "params.yaml") -> ExperimentConfig:
@@ -142,6 +143,32 @@ def run_seed(*, records: str, manifest: str | None, run_dir: Path, target_no: in
     return out
 
 
+def _run_seed_job(job: dict) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process (evaluation too, not only training)
+    return run_seed(**job)
+
+
+def run_jobs(jobs: list[dict], workers: int) -> list[dict[str, Any]]:
+    """run_seed over `jobs`, `workers` processes at a time (results in job order).
+
+    Each training uses one torch thread (train.num_threads: 1), so two processes are how a sequential
+    `dvc repro` uses both cores. Forked before this process imports torch (the cell imports only
+    pandas and the catalogue), so every worker starts clean."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_seed(**j) for j in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if "torch" in sys.modules:  # forking a process with torch's thread pools running can deadlock
+        ctx = multiprocessing.get_context("spawn")
+    else:
+        ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        return list(pool.map(_run_seed_job, jobs))
+
+
 def summarise(accs: dict[int, float], n_test: int | None) -> dict[str, Any]:
     mean, lo, hi = t_interval(list(accs.values()))
     return {"seeds": {str(k): v for k, v in accs.items()}, "mean": mean, "ci95": [lo, hi], "n_test": n_test}
@@ -207,29 +234,32 @@ def run_cell(*, designs_dir: str, records: str, target: str, arm: str, out: str,
         return result
     result = {**base, "status": "ok", "triplet": entry["triplet"], "seeds_run": seeds}
     if arm == "limited":
-        variants = {}
+        jobs = []
         for name, var in man["variants"].items():
             vdir = out_dir / name
             write_json(vdir / "manifest.json", {**var, "arm": f"limited_{name}", "target": label})
-            accs, n = {}, None
-            for s in seeds:
-                m = run_seed(records=records, manifest=str(vdir / "manifest.json"), run_dir=vdir / f"seed{s}",
-                             target_no=target_no, target_label=label, arm=f"limited_{name}", seed=s, params=params,
-                             overrides=exp.train_overrides)
-                accs[s], n = float(m["accuracy"]), m.get("n")
-            variants[name] = {"companion": var["companion"], "k": var["k"], **summarise(accs, n)}
+            jobs += [dict(records=records, manifest=str(vdir / "manifest.json"), run_dir=vdir / f"seed{s}",
+                          target_no=target_no, target_label=label, arm=f"limited_{name}", seed=s, params=params,
+                          overrides=exp.train_overrides) for s in seeds]
+        done = run_jobs(jobs, exp.workers)
+        variants = {}
+        for name, var in man["variants"].items():
+            ms = {j["seed"]: m for j, m in zip(jobs, done) if j["arm"] == f"limited_{name}"}
+            accs = {s: float(m["accuracy"]) for s, m in ms.items()}
+            variants[name] = {"companion": var["companion"], "k": var["k"],
+                              **summarise(accs, next(iter(ms.values())).get("n"))}
         result["variants"] = variants
     else:
         if manifest is not None:
             arm_manifest = str(out_dir / "manifest.json")
         else:
             arm_manifest = None if arm == "baseline" else str(Path(designs_dir) / label / f"{arm}.json")
-        accs, n = {}, None
-        for s in seeds:
-            m = run_seed(records=records, manifest=arm_manifest, run_dir=out_dir / f"seed{s}", target_no=target_no,
-                         target_label=label, arm=arm, seed=s, params=params, overrides=exp.train_overrides)
-            accs[s], n = float(m["accuracy"]), m.get("n")
-        result.update(summarise(accs, n))
+        jobs = [dict(records=records, manifest=arm_manifest, run_dir=out_dir / f"seed{s}", target_no=target_no,
+                     target_label=label, arm=arm, seed=s, params=params, overrides=exp.train_overrides)
+                for s in seeds]
+        done = run_jobs(jobs, exp.workers)
+        accs = {j["seed"]: float(m["accuracy"]) for j, m in zip(jobs, done)}
+        result.update(summarise(accs, done[0].get("n")))
         result["components"] = {k: v.get("selected") for k, v in man.get("components", {}).items()}
         result["total"] = man.get("total", 0)
         for key in ("direction", "members", "dev_accuracy", "study", "trial"):
