@@ -351,9 +351,13 @@ def train_model(
         def evaluate_now(step: int) -> None:
             if not dev_rows:
                 return
-            with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-                acc = dev_accuracy(backend, dev_rows, train_cfg.eval_batch_size)
-            model.train()
+            backend.model = accel.unwrap_model(model)  # score through the plain module (HF generate etc.)
+            try:
+                with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
+                    acc = dev_accuracy(backend, dev_rows, train_cfg.eval_batch_size)
+            finally:
+                backend.model = model
+                model.train()
             dev_history.append((step, acc))
             if tracker is not None:
                 tracker.log_metrics({"dev_accuracy": acc}, step=step)

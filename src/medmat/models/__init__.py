@@ -72,8 +72,9 @@ def build(model_cfg: ModelConfig | dict, data_root: str | os.PathLike | None = N
 
         return TinyBackend(from_dict(TinyConfig, cfg.tiny, where="model.tiny"), data_root=data_root)
     module = importlib.import_module(BACKENDS[cfg.backend])  # hf: transformers imported only now
-    if hasattr(module, "build"):
-        return module.build(cfg.hf, data_root)
+    builder = getattr(module, "build", None) or getattr(module, f"build_{cfg.backend}", None)
+    if builder is not None:
+        return builder(getattr(cfg, cfg.backend), data_root)
     hf_cfg = from_dict(module.HFConfig, cfg.hf, where="model.hf")
     return module.HFBackend(hf_cfg, data_root=data_root)
 
@@ -109,7 +110,8 @@ def load(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = Non
     """Load a model saved by `backend.save(dir)`; the backend is named in BACKEND_FILE."""
     info = read_backend_file(model_dir)
     module = importlib.import_module(BACKENDS[info["backend"]])
-    if hasattr(module, "load"):
-        return module.load(model_dir, data_root=data_root)
+    loader = getattr(module, "load", None) or getattr(module, f"load_{info['backend']}", None)
+    if loader is not None:
+        return loader(model_dir, data_root=data_root)
     cls = module.HFBackend
     return cls.load(model_dir, data_root=data_root) if hasattr(cls, "load") else cls.from_pretrained(model_dir)
