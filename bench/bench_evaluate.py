@@ -1,7 +1,7 @@
 """Benchmark: evaluation throughput of the tiny CPU VLM (both scorers), peak memory, and MLflow's
 per-run logging overhead (many short runs are the normal case: arms x seeds x search trials).
 
-    .venv/bin/python bench/bench_evaluate.py [--records 1200] [--runs 10] [--json out.json]
+    .venv/bin/python bench/bench_evaluate.py [--records 1200] [--runs 8] [--threads 1] [--json out.json]
 
 Prints the figures and the machine they were measured on. Everything is written to a temporary
 directory (a fresh sqlite store); nothing touches the repository's mlruns/.
@@ -147,8 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--runs", type=int, default=8, help="MLflow runs per variant")
     ap.add_argument("--metrics", type=int, default=20, help="extra metrics per run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's own; 1 avoids oversubscription on a shared box)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"machine": machine()}
     with tempfile.TemporaryDirectory(prefix="medmat-bench-eval-") as tmp:
         tmp = Path(tmp)
