@@ -118,6 +118,24 @@ def test_champion_rule_and_idempotence(store, tmp_path, model_dir):
     assert champ.tags["medmat.test_ci95"] == "[0.7500, 0.8500]" and "0.8000" in champ.description
 
 
+def test_subset_label_tag_and_run_without_model(store, tmp_path, model_dir):
+    """Runs tagged "03" (the pipeline's folder label) join the triplet's model; a run without a logged
+    model is skipped, not fatal."""
+    import mlflow
+
+    model, _ = model_dir
+    runs = tmp_path / "runs"
+    make_run(store, runs, "related_fixed_area", 0, 0.6, model, triplet="28")
+    bare = runs / "03" / "bare" / "seed0"
+    bare.mkdir(parents=True)
+    with tracking.tracked_run(store, run_name="bare", tags=tracking.run_tags(target="28", arm="bare")) as run:
+        pass
+    tracking.write_run_id(bare, run.info.run_id)
+    (bare / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "ci95": [0.8, 0.95], "n": 100}))
+    out = registry.register_runs(runs, client=mlflow.MlflowClient())
+    assert [(o.name, o.version) for o in out] == [("medmat-X-ray-Lung-COVID", "1")]
+
+
 def test_bad_run_dir_is_a_clear_error(store, tmp_path, model_dir):
     import mlflow
 
@@ -134,9 +152,9 @@ def test_champion_pyfunc_answers_and_server_serves_it(store, tmp_path, model_dir
 
     model, image = model_dir
     runs = tmp_path / "runs"
-    make_run(store, runs, "related_fixed_area", 0, 0.8, model, triplet="MR-Brain-Cancer")
+    make_run(store, runs, "related_fixed_area", 0, 0.8, model, triplet="MRI-Brain-Cancer")
     registry.register_runs(runs, "03", client=mlflow.MlflowClient())
-    name = "medmat-MR-Brain-Cancer"
+    name = "medmat-MRI-Brain-Cancer"
 
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     answers = loaded.predict(pd.DataFrame({"image": [str(image)], "question_choice": [QC]}))

@@ -31,6 +31,10 @@ class RegistryError(ValueError):
     """A run that cannot be registered; the message names the run directory and what is missing."""
 
 
+class NoModel(RegistryError):
+    """The run holds no logged model to register."""
+
+
 @dataclasses.dataclass
 class RegisterConfig:
     """`register:` section of params.yaml."""
@@ -77,6 +81,17 @@ def model_name(triplet: str, prefix: str = "medmat") -> str:
     return f"{prefix}-{clean}"
 
 
+def canonical_triplet(target: str) -> str:
+    """"03", "3" or "CT-Lung-COVID" -> "CT-Lung-COVID": runs tagged with the subset label and runs
+    tagged with the triplet belong to the same registered model."""
+    try:
+        from medmat.catalog import parse_target
+
+        return str(parse_target(str(target))[0])
+    except Exception:  # not a catalogue target (a custom world): the tag as written
+        return str(target)
+
+
 def find_run_dirs(runs_root: Path, target: str | None = None) -> list[Path]:
     """Evaluated run dirs under `runs_root` (metrics.json + mlflow_run_id), sorted for a stable order.
 
@@ -105,9 +120,10 @@ def read_run(run_dir: Path, client, metric: str = "accuracy") -> RunInfo:
     except Exception as exc:  # MlflowException: unknown run (another tracking store?)
         raise RegistryError(f"{run_dir}: MLflow run {run_id} not found in {client.tracking_uri} ({exc})") from exc
     tags = dict(run.data.tags)
-    triplet = tags.get(TAG + "target") or metrics.get("triplet") or metrics.get("target")
-    if not triplet:
+    raw = tags.get(TAG + "target") or metrics.get("triplet") or metrics.get("target")
+    if not raw:
         raise RegistryError(f"{run_dir}: run {run_id} has no '{TAG}target' tag and metrics.json no triplet")
+    triplet = canonical_triplet(raw)
     mixture: dict[str, int] = {}
     manifest_path = run_dir / "manifest.json"
     if manifest_path.is_file():
@@ -137,7 +153,7 @@ def model_source(client, run_id: str) -> tuple[str, str | None]:
     found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     if found:
         return f"models:/{found[-1].model_id}", found[-1].model_id
-    raise RegistryError(f"MLflow run {run_id} has no logged model (train with tracking on: log_model)")
+    raise NoModel(f"MLflow run {run_id} has no logged model (train with tracking on: log_model)")
 
 
 def _ensure_registered_model(client, name: str, triplet: str) -> None:
@@ -237,7 +253,12 @@ def register_runs(runs_root: Path, target: str | None = None, cfg: RegisterConfi
     outcomes = []
     for d in dirs:
         info = read_run(d, client, cfg.metric)
-        outcomes.append(register_run(client, info, cfg))
+        try:
+            outcomes.append(register_run(client, info, cfg))
+        except NoModel as exc:
+            # An evaluated run without a logged model (tracking was off when it trained) cannot be a
+            # version; it must not block the other runs either.
+            log.warning("%s: skipped: %s", d, exc)
     return outcomes
 
 
