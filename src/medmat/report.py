@@ -62,7 +62,8 @@ def load_cells(metrics_dir: str | os.PathLike) -> dict[str, dict[str, dict[str, 
     root = Path(metrics_dir)
     out: dict[str, dict[str, dict[str, dict]]] = {}
     for path in sorted(root.glob("*/*/*.json")):
-        world, target, arm = path.parts[-3], path.parts[-2], path.stem
+        # folder names follow experiment.targets as written (3 or "03"): one label per target
+        world, target, arm = path.parts[-3], norm_target(path.parts[-2]), path.stem
         data = _read_json(path)
         if data is not None:
             out.setdefault(world, {}).setdefault(target, {})[arm] = data
@@ -81,11 +82,17 @@ def load_search(search_dir: str | os.PathLike | None) -> dict[str, dict[str, Any
             with (tdir / "history.csv").open(encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
         if best or rows:
-            out[tdir.name] = {"best": best, "history": rows}
+            out[norm_target(tdir.name)] = {"best": best, "history": rows}
     return out
 
 
 # ---- statistics ------------------------------------------------------------------------------------
+def norm_target(t: str) -> str:
+    from medmat.pipeline import norm_target as _n
+
+    return _n(t)
+
+
 def t_interval(values: list[float]) -> tuple[float, float, float]:
     from medmat.pipeline import t_interval as _t
 
