@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,16 @@ def test_env_uri_overrides_params(store, tmp_path, monkeypatch):
         pass
     assert client(store).get_run(run.info.run_id).info.status == "FINISHED"
     assert not (tmp_path / "never").exists()
+
+
+def test_setup_does_not_leak_its_uri_into_the_environment(store, tmp_path):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; left there it would override the next
+    # setup() with another store in the same process (env wins over params by design).
+    tracking.setup(store)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == store.tracking_uri
+    other = tracking.TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/never/mlflow.db", experiment="x")
+    assert tracking.effective_uri(other) == other.tracking_uri
 
 
 def test_finished_run_has_params_tags_metrics(store):

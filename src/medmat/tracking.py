@@ -103,8 +103,25 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _experiment_id(mlflow, uri: str, db: Path | None, artifact_root: str, experiment: str) -> str:
+def _set_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri without its side effect of exporting MLFLOW_TRACKING_URI.
+
+    MLflow exports the URI so that subprocesses inherit it; but that env variable is how a *user* points
+    medmat at a team server (it overrides params), so after one setup() in a process every later setup()
+    with another store would silently log to the first. In-process MLflow reads its own global first.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def _experiment_id(mlflow, uri: str, db: Path | None, artifact_root: str, experiment: str) -> str:
+    _set_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
@@ -135,7 +152,7 @@ def setup(cfg: TrackingConfig | None = None) -> str:
     import mlflow
 
     # Another caller may have switched URI/experiment (tests use several stores in one process).
-    mlflow.set_tracking_uri(uri)
+    _set_uri(uri)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
