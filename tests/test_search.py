@@ -230,7 +230,10 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
             "--out", "work/search/06", "--params", "params.yaml"]
     medmat(*args, "--trials", "5")
     storage = params["search"]["storage"]
-    trials = _trials(storage, "medmat-search-06")
+    best = json.loads((tmp_path / "work/search/06/best_mixture.json").read_text())
+    name = best["study"]
+    assert name.startswith("medmat-search-06-")  # default name = target + objective fingerprint
+    trials = _trials(storage, name)
     assert sum(t.state in search.FINISHED for t in trials) == 5
     # CT-Brain-Cancer: three Related directions + All Related are the first four trials
     assert [t.user_attrs.get(search.WARM) for t in trials[:4]] == [
@@ -240,11 +243,17 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     assert "06" not in best["components"]  # the target never trains on itself
 
     medmat(*args, "--trials", "7", "--workers", "2")  # resume by name: two more, no warm start again
-    trials = _trials(storage, "medmat-search-06")
+    trials = _trials(storage, name)
     assert sum(t.state in search.FINISHED for t in trials) == 7 and len(trials) == 7
     assert sum(search.WARM in t.user_attrs for t in trials) == 4
     rows = list(csv.DictReader((tmp_path / "work/search/06/history.csv").open()))
     assert len(rows) == 7
+    # the same name with other training settings is refused (values would not be comparable)
+    params["train"]["max_steps"] = 16
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = subprocess.run([sys.executable, "-m", "medmat.cli", *args, "--trials", "8", "--study-name", name],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "other training/data settings" in res.stderr
 
     client = mlflow.MlflowClient(params["tracking"]["tracking_uri"])
     exp = client.get_experiment_by_name(params["tracking"]["experiment"])

@@ -568,6 +568,29 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
                          warm=warm, data_root=data_root)
 
 
+def objective_fingerprint(problem: TargetProblem, cfg: SearchConfig, params: Mapping[str, Any]) -> str:
+    """Hash of everything a trial's value depends on: training and model params, the evaluation scorer,
+    the search space, the dev split and the candidates' records. Trials of one study must share it —
+    values measured under other settings are not comparable (the sampler would learn from noise)."""
+    import pandas as pd
+
+    from medmat.mixture import ids_sha256
+
+    train = problem.records[problem.records["split"] == "train"]
+    cand = train[train["subset_no"].map(lambda v: not pd.isna(v) and _key(v) in problem.space.limits)]
+    payload = {
+        "train": {**(params.get("train") or {}), **cfg.train},
+        "model": params.get("model") or {},
+        "scorer": (params.get("evaluate") or {}).get("scorer", "likelihood"),
+        "space": {"limits": dict(sorted(problem.space.limits.items())), "budget": problem.space.budget,
+                  "step": problem.space.step},
+        "dev": ids_sha256(problem.dev_df["record_id"].astype(str)),
+        "candidates": ids_sha256(cand["record_id"].astype(str)),
+        "mixture_seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def train_objective(problem: TargetProblem, cfg: SearchConfig, params_path: Path, out_dir: Path,
                     parent_run_id: str | None, mixture_seed: int = 0) -> Evaluate:
     """The real objective: resolve the mixture, train with medmat.train, score the dev split."""
@@ -681,12 +704,23 @@ def run(args: argparse.Namespace) -> int:
     except (SearchError, ConfigError, ValueError, LookupError) as exc:
         log.error("%s", exc)
         return 2
-    name = args.study_name or f"{cfg.study_prefix}-{problem.target}"
+    params = load_params(args.params) if args.params.exists() else {}
+    fp = objective_fingerprint(problem, cfg, params)
+    # The default name carries the objective's fingerprint: the same settings resume the same study by
+    # name; changed training/data settings start a new one instead of mixing incomparable values.
+    name = args.study_name or f"{cfg.study_prefix}-{problem.target}-{fp[:8]}"
     worker = args.worker_index
     study = open_study(name, cfg.storage, cfg.sampler, cfg.seed + worker, cfg.pruner_startup_trials,
                        cfg.pruner_warmup_steps)
+    have = study.user_attrs.get("objective_fingerprint")
+    if have is None and worker == 0:
+        study.set_user_attr("objective_fingerprint", fp)
+    elif have is not None and have != fp:
+        log.error("study %s in %s was run with other training/data settings (objective fingerprint %s, now "
+                  "%s): its values are not comparable; give another --study-name or delete the study",
+                  name, cfg.storage, have[:8], fp[:8])
+        return 2
     lock = lock_path(cfg.storage, name)
-    params = load_params(args.params) if args.params.exists() else {}
     track_cfg = from_dict(tracking.TrackingConfig, params.get("tracking"), where=f"{args.params}: tracking")
     parent = args.parent_run_id
     procs: list[subprocess.Popen] = []
