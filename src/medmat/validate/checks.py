@@ -94,6 +94,12 @@ def _triplet_of(cat: Catalog, kind: str, no: int) -> str | None:
         return None
 
 
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """Distinct int64 keys, unordered. pandas' hash table: numpy's unique on 10M keys is several
+    times slower here (measured on the full-scale benchmark)."""
+    return pd.unique(keys)
+
+
 def _options_array(options: pd.Series) -> pa.ListArray:
     if isinstance(options.dtype, pd.ArrowDtype):
         arr = pa.chunked_array(options.array._pa_array).combine_chunks()
@@ -127,8 +133,13 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     sub_map = {int(s): _triplet_of(catalog, "subset", int(s)) for s in subset.dropna().unique()}
     f["subset_no"] = subset
     f["subset_triplet"] = subset.map(sub_map).astype(object).where(has_subset, None)
-    f["dataset_triplet_count"] = (
-        pd.Series(f["triplet"].to_numpy()).groupby(ds_nos.to_numpy()).transform("nunique").to_numpy())
+    # Distinct triplets per dataset, on integer codes (a string groupby is slow at millions of rows).
+    t_code = pd.factorize(f["triplet"])[0].astype(np.int64)          # -1: no triplet (no subset)
+    d_code = pd.factorize(ds_nos)[0].astype(np.int64)
+    width = int(t_code.max()) + 1 if n else 1
+    pairs = _distinct(d_code[t_code >= 0] * width + t_code[t_code >= 0])
+    per_dataset = np.bincount(pairs // width, minlength=int(d_code.max()) + 1 if n else 0)
+    f["dataset_triplet_count"] = per_dataset[d_code] if n else np.zeros(0, dtype=np.int64)
 
     # Options, vectorised through Arrow: count, distinct count, the text under the answer letter.
     opts = _options_array(records["options"])
@@ -145,7 +156,7 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     texts = enc.dictionary.to_numpy(zero_copy_only=False)
     flat_code, answer_code = codes[: len(flat)], codes[len(flat):]
     k = len(texts) + 1
-    pair = np.unique(parent.astype(np.int64) * k + flat_code)
+    pair = _distinct(parent.astype(np.int64) * k + flat_code)
     f["n_options"] = n_opt
     f["n_distinct_options"] = np.bincount(pair // k, minlength=n)[:n]
     letter_idx = records["answer_letter"].map(
@@ -159,21 +170,20 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     # its records. Distractors are drawn from the subset's other labels, so every real label turns up
     # as one somewhere; an answer that never does is a typo or a record from another subset.
     group = np.where(has_subset, subset.fillna(0).to_numpy(dtype=np.int64), -ds_nos.to_numpy())
-    group_code, _ = pd.factorize(group)
+    group_code, group_of_code = pd.factorize(group)
     group_code = group_code.astype(np.int64)
     distractor = flat_code != answer_code[parent]
-    label_keys = np.unique(group_code[parent][distractor] * k + flat_code[distractor])
+    label_keys = _distinct(group_code[parent][distractor] * k + flat_code[distractor])
     in_set = np.isin(group_code * k + answer_code, label_keys)
     small = np.bincount(group_code)[group_code] < params.label_set_min_records
     f["answer_in_label_set"] = in_set | small
     f["_group"] = group
     # Every option text of a test set's subset is one of its labels: the balance report counts them all,
     # so a label missing from the test set shows as 0 rather than vanishing.
-    uniq_codes, first = np.unique(group_code, return_index=True)
-    all_pairs = np.unique(group_code[parent] * k + flat_code)
+    all_pairs = _distinct(group_code[parent] * k + flat_code)
     labels_of = pd.Series(texts[all_pairs % k], dtype=object).groupby(
         all_pairs // k).agg(lambda s: sorted(set(s)))
-    f.attrs["labels"] = {int(group[first[i]]): labels_of.get(c, []) for i, c in enumerate(uniq_codes)}
+    f.attrs["labels"] = {int(g): labels_of.get(c, []) for c, g in enumerate(group_of_code)}
     f["_group_size"] = np.bincount(group_code)[group_code]
 
     # Leakage: one image content (sha256) in both train and test of one subset.
@@ -199,7 +209,7 @@ _LEXICAL_ESCAPE = r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
 def image_columns(records: pd.DataFrame, data_root: str | os.PathLike, params: ValidateParams,
                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(link escapes, status) per record; status is 'ok', NOT_CHECKED or what is wrong with the image."""
-    from medmat.data.images import ImageError, PathEscapeError, load_image, resolve_image_path
+    from medmat.data.images import ImageError, load_image
 
     images = records["image"].fillna("").astype(str)
     codes, uniques = pd.factorize(images)
@@ -207,15 +217,26 @@ def image_columns(records: pd.DataFrame, data_root: str | os.PathLike, params: V
     escapes = np.zeros(len(uniques), dtype=bool)
     paths: list[Path | None] = []
     lexical = pd.Series(uniques, dtype=object).str.contains(_LEXICAL_ESCAPE, regex=True).to_numpy()
+    # Link escapes: resolve each directory once and only the files that are links themselves.
+    # (resolve_image_path resolves the root and every component per call: ~0.6 ms per image, which
+    # at the release's ~1M images is minutes; this is the same rule.)
+    root_real = os.path.realpath(root)
+    dirs: dict[str, str] = {}
     for i, rel in enumerate(uniques):
         if lexical[i] or not rel:
             paths.append(None)   # absolute or '..': the regex expectation reports it
             continue
-        try:
-            paths.append(resolve_image_path(root, rel))
-        except PathEscapeError:
+        full = os.path.join(root_real, rel)
+        head, tail = os.path.split(full)
+        real_dir = dirs.get(head)
+        if real_dir is None:
+            real_dir = dirs[head] = os.path.realpath(head)
+        real = os.path.realpath(full) if os.path.islink(full) else os.path.join(real_dir, tail)
+        if not real.startswith(root_real + os.sep):
             escapes[i] = True
             paths.append(None)
+        else:
+            paths.append(Path(real))
     status = np.full(len(uniques), NOT_CHECKED, dtype=object)
     if params.images != "skip":
         # Decode each content once: the release repeats one image across many records (and the
