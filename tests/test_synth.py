@@ -109,17 +109,19 @@ def test_label_sets_follow_task_kinds():
 
 
 def test_pattern_tables():
-    lbm = {"CT": {"COVID-19", "Normal", "Benign"}, "X-ray": {"COVID-19", "Pneumonia", "Normal"}}
-    default = synth.pattern_table(lbm, 0, entangled=False)
-    assert default[("CT", "COVID-19")] == default[("X-ray", "COVID-19")] is not None
-    assert default[("CT", "Normal")] is None and default[("X-ray", "Normal")] is None
-    assert len({default[k] for k in default if k[1] != "Normal"}) == 3
-    ent = synth.pattern_table(lbm, 0, entangled=True)
-    assert len(set(ent.values())) == len(ent) == 6                      # every (modality, label) its own
+    lbk = {("CT", "Cancer"): {"Malignant", "Normal", "Benign"}, ("CT", "COVID"): {"COVID-19", "Normal"},
+           ("X-ray", "COVID"): {"COVID-19", "Pneumonia", "Normal"}}
+    default = synth.pattern_table(lbk, 0, entangled=False)
+    assert default[("CT", "COVID", "COVID-19")] == default[("X-ray", "COVID", "COVID-19")] is not None
+    assert default[("CT", "COVID", "Normal")] is None and default[("X-ray", "COVID", "Normal")] is None
+    assert len({default[k] for k in default if k[2] != "Normal"}) == 4
+    ent = synth.pattern_table(lbk, 0, entangled=True)
+    assert len(set(ent.values())) == len(ent) == 8                      # every (modality, task, label) its own
+    assert ent[("CT", "Cancer", "Normal")] != ent[("CT", "COVID", "Normal")]
     assert None not in ent.values()
-    # the real world's pairs fit in the pattern space
+    # the real world's looks fit in the pattern space
     plans = synth.plan_world(synth.SynthParams(**TINY))
-    ent = synth.pattern_table(synth._labels_by_modality(plans), 0, entangled=True)
+    ent = synth.pattern_table(synth.labels_by_kind(plans), 0, entangled=True)
     assert len(set(ent.values())) == len(ent)
 
 
@@ -164,9 +166,9 @@ def test_entangled_world_differs_in_lesions_only(tmp_path, world):
     card_d = json.loads((root / "MEDMAT_MINI.json").read_text())
     card_e = json.loads((ent / "MEDMAT_MINI.json").read_text())
     assert card_d["datasets"] == card_e["datasets"]                      # same datasets, labels, counts
-    assert card_d["patterns"]["CT|COVID-19"] == card_d["patterns"]["X-ray|COVID-19"]
-    assert card_e["patterns"]["CT|COVID-19"] != card_e["patterns"]["X-ray|COVID-19"]
-    assert card_e["patterns"]["CT|Normal"] is not None
+    assert card_d["patterns"]["CT|COVID|COVID-19"] == card_d["patterns"]["X-ray|COVID|COVID-19"]
+    assert card_e["patterns"]["CT|COVID|COVID-19"] != card_e["patterns"]["X-ray|COVID|COVID-19"]
+    assert card_e["patterns"]["CT|COVID|Normal"] not in (None, card_e["patterns"]["CT|Cancer|Normal"])
     img = "Original_Medical_Datasets/ori--05-test.json"
     assert (root / img).read_bytes() == (ent / img).read_bytes()         # same QA records
     r = read_records(root / img)[0]["image"]

@@ -16,8 +16,8 @@ the structure the paper relies on. So the three MAT elements are drawn as *indep
 = Normal" from any task, so an Unrelated training mix scores above chance on a target that has a Normal
 class. `shared_normal=False` gives every task kind its own negative name ("No COVID", ...) to compare.
 
-`entangled=True` is the negative control: every (modality, label) pair - Normal included - gets its own
-pattern, never reused by another pair, so the target's look is unseen and compositional generalisation
+`entangled=True` is the negative control: every (modality, task, label) - Normal included - gets its own
+pattern, never reused, so the target's look is unseen and compositional generalisation
 must fail (Related falls to chance, not below it).
 
 Per-dataset nuisance (contrast, brightness, noise, zoom, shift) makes the datasets of one subset differ a
@@ -266,28 +266,25 @@ def _rng(*keys: object) -> np.random.Generator:
     return np.random.default_rng(_key_int(*keys))
 
 
-def pattern_table(labels_by_modality: dict[str, set[str]], seed: int, entangled: bool) -> dict[tuple[str, str], tuple | None]:
-    """(modality, label) -> lesion pattern (None = no lesion).
+def pattern_table(labels_by_kind: dict[tuple[str, str], set[str]], seed: int,
+                  entangled: bool) -> dict[tuple[str, str, str], tuple | None]:
+    """(modality, task, label) -> lesion pattern (None = no lesion), from {(modality, task): labels}.
 
-    Default world: one pattern per label name, the same in every modality; negative labels have none.
-    Entangled world: one pattern per (modality, label) pair - negatives included - none reused.
+    Default world: one pattern per label *name*, the same in every modality and task; negative
+    labels have none. Entangled world: one pattern per (modality, task, label) - negatives included -
+    never reused. Keyed by the task too, because "Normal" of CT-Lung-Cancer would otherwise teach
+    "Normal" of the CT-Lung-COVID target, and the negative control would stay above chance.
     """
     order = list(ALL_PATTERNS)
     _rng(seed, "patterns").shuffle(order)
-    table: dict[tuple[str, str], tuple | None] = {}
+    keys = sorted((m, t, lab) for (m, t), labs in labels_by_kind.items() for lab in labs)
     if entangled:
-        pairs = sorted((m, lab) for m, labs in labels_by_modality.items() for lab in labs)
-        if len(pairs) > len(order):
-            raise ValueError(f"{len(pairs)} (modality, label) pairs but only {len(order)} lesion patterns")
-        for (m, lab), pat in zip(pairs, order):
-            table[(m, lab)] = tuple(pat)
-        return table
-    names = sorted({lab for labs in labels_by_modality.values() for lab in labs if not is_negative(lab)})
+        if len(keys) > len(order):
+            raise ValueError(f"{len(keys)} (modality, task, label) looks but only {len(order)} lesion patterns")
+        return {k: tuple(pat) for k, pat in zip(keys, order)}
+    names = sorted({lab for (_, _, lab) in keys if not is_negative(lab)})
     by_name = dict(zip(names, order))
-    for m, labs in labels_by_modality.items():
-        for lab in labs:
-            table[(m, lab)] = None if is_negative(lab) else tuple(by_name[lab])
-    return table
+    return {k: None if is_negative(k[2]) else tuple(by_name[k[2]]) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -465,10 +462,11 @@ def plan_world(params: SynthParams) -> list[DatasetPlan]:
     return plans
 
 
-def _labels_by_modality(plans: list[DatasetPlan]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
+def labels_by_kind(plans: list[DatasetPlan]) -> dict[tuple[str, str], set[str]]:
+    """{(modality, task): labels} over the planned datasets."""
+    out: dict[tuple[str, str], set[str]] = {}
     for p in plans:
-        out.setdefault(p.modality, set()).update(p.labels)
+        out.setdefault((p.modality, p.task), set()).update(p.labels)
     return out
 
 
@@ -488,7 +486,7 @@ def generate_dataset(plan: DatasetPlan, patterns: dict, params: SynthParams) -> 
             k = counter[label]
             counter[label] += 1
             rng = _rng(params.seed, params.entangled, "img", plan.dataset_no, label, k)
-            arr = scene.render(patterns[(plan.modality, label)], rng)
+            arr = scene.render(patterns[(plan.modality, plan.task, label)], rng)
             rel = f"med-mat/{plan.folder}/{label.replace('/', '_')}/{k}.png"
             images[rel] = encode_png(arr)
             pairs.append(qa.Pair(rel, label, split))
@@ -521,7 +519,7 @@ def generate(out: str | os.PathLike, params: SynthParams, progress: bool = True)
         raise FileExistsError(f"{out}: exists and is not empty; choose a new folder or remove it")
     t0 = time.perf_counter()
     plans = plan_world(params)
-    patterns = pattern_table(_labels_by_modality(plans), params.seed, params.entangled)
+    patterns = pattern_table(labels_by_kind(plans), params.seed, params.entangled)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -572,9 +570,9 @@ def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams) ->
         "datasets": {str(p.dataset_no): {"subset": p.subset_no, "triplet": f"{p.modality}-{p.area}-{p.task}",
                                          "folder": p.folder, "labels": list(p.labels),
                                          "train": p.n_train, "test": p.n_test} for p in plans},
-        "patterns": {f"{m}|{lab}": (None if pat is None else
+        "patterns": {f"{m}|{t}|{lab}": (None if pat is None else
                                     f"{PATTERN_KINDS[pat[0]]}/{PATTERN_SIZES[pat[1]]}/{PATTERN_POSITIONS[pat[2]]}")
-                     for (m, lab), pat in sorted(patterns.items())},
+                     for (m, t, lab), pat in sorted(patterns.items())},
     }
 
 
