@@ -115,6 +115,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the generated data (default: a temp dir)")
     ap.add_argument("--records", type=int, default=None, help="full-scale records (default: synth's ~2.36M)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a folder kept by an earlier --keep run: skip generation, measure again")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -127,14 +129,16 @@ def main() -> int:
 
     from medmat.data.synth import SynthParams, generate
 
-    base = Path(tempfile.mkdtemp(prefix="medmat-bench-", dir=args.work))
+    base = args.reuse or Path(tempfile.mkdtemp(prefix="medmat-bench-", dir=args.work))
     data, work = base / "data", base / "work"
-    work.mkdir()
+    work.mkdir(exist_ok=True)
+    keep = args.keep or args.reuse is not None
     try:
-        params = SynthParams(scale="full", **({"full_records": args.records} if args.records else {}))
-        t0 = time.perf_counter()
-        world = generate(data, params, progress=False)
-        print(f"generated: {world} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.reuse is None:
+            params = SynthParams(scale="full", **({"full_records": args.records} if args.records else {}))
+            t0 = time.perf_counter()
+            world = generate(data, params, progress=False)
+            print(f"generated: {world} in {time.perf_counter() - t0:.0f} s", flush=True)
         res = {}
         for name in ("floor", "ingest", "validate"):
             res[name] = run_phase(name, data, work)
@@ -157,7 +161,7 @@ def main() -> int:
         print(f"ratio:    (ingest + validate) / floor = {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU (target <= 3x) -> "
               f"{'MET' if ratio <= 3 else 'MISSED'}")
     finally:
-        if args.keep:
+        if keep:
             print(f"kept: {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
