@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,9 +74,25 @@ def test_images_are_decoded_once_per_run(world):
     b.collate(rows)
     first = {k: v for k, v in b._images.items()}
     b.collate(rows)
-    assert len(b._images) == len({r["image_path"] for r in rows})
+    assert len(b._images) == len({r["image_path"] for r in rows}) and len(b._encoded) == len(rows)
     assert all(b._images[k] is v for k, v in first.items())  # cached tensors reused, not re-read
     assert next(iter(b._images.values())).dtype == torch.uint8
+
+
+def test_caches_follow_content_not_ids(world, tmp_path):
+    """Same record_id with another question, or a rewritten image file, is never served stale."""
+    import shutil
+
+    b = build(ModelConfig())
+    a, c = _test_rows(world, ["04"]).head(2).to_dict("records")
+    img = tmp_path / "x.png"
+    shutil.copy(a["image_path"], img)
+    first = b.collate([dict(a, record_id="input-0", image_path=str(img))])
+    shutil.copy(c["image_path"], img)
+    os.utime(img, ns=(1, 1))  # a different mtime, as any rewrite would give
+    second = b.collate([dict(c, record_id="input-0", image_path=str(img), question="another question entirely")])
+    assert not torch.equal(first["images"], second["images"])
+    assert not torch.equal(first["q_ids"], second["q_ids"]) or first["q_ids"].numel() != second["q_ids"].numel()
 
 
 def test_augmentation_is_train_time_only_and_keeps_range():

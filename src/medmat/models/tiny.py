@@ -144,8 +144,9 @@ class TinyBackend:
         self.model = TinyVLM(cfg, len(self.vocab))
         # Decoded, resized images as uint8 (3, S, S), loaded once per run: every epoch reads the same PNGs.
         self._images: dict[str, torch.Tensor] = {}
-        # record_id -> (question ids, option ids, answer index): the words of a record never change,
-        # so they are tokenised once, not every epoch (this was a fifth of a training step's time).
+        # (question, options, answer) -> (question ids, option ids, answer index): a record's words are
+        # tokenised once, not every epoch (this was a fifth of a training step's time). Keyed by the
+        # text itself, not record_id: pyfunc inputs reuse ids like "input-0" for different questions.
         self._encoded: dict[str, tuple] = {}
 
     # -- vocabulary -------------------------------------------------------------------------------
@@ -178,7 +179,12 @@ class TinyBackend:
 
     def image_tensor(self, row: dict) -> torch.Tensor:
         path = self._image_path(row)
-        img = self._images.get(path)
+        try:  # the file's identity is part of the key: a rewritten file at the same path is re-read
+            st = os.stat(path)
+            key = f"{path}|{st.st_mtime_ns}|{st.st_size}"
+        except OSError:
+            key = path  # unreadable: load_image below reports it, naming the record
+        img = self._images.get(key)
         if img is None:
             try:
                 from medmat.data.images import load_image
@@ -196,18 +202,17 @@ class TinyBackend:
             s = self.cfg.image_size
             pil = pil.convert("RGB").resize((s, s), resample=2)  # 2 = bilinear
             img = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-            self._images[path] = img
+            self._images[key] = img
         return img
 
     # -- interface --------------------------------------------------------------------------------
     def _encode(self, row: dict) -> tuple[list[int], list[list[int]], int]:
-        rid = row.get("record_id")
-        enc = self._encoded.get(rid) if rid is not None else None
+        question, options = _question(row), _options(row)
+        key = (question, tuple(options), row.get("answer_letter"))
+        enc = self._encoded.get(key)
         if enc is None:
             label = _answer_index(row) if row.get("answer_letter") not in (None, "") else -100
-            enc = (self._ids(_question(row)), [self._ids(o) for o in _options(row)], label)
-            if rid is not None:
-                self._encoded[rid] = enc
+            enc = self._encoded[key] = (self._ids(question), [self._ids(o) for o in options], label)
         return enc
 
     def collate(self, rows: Iterable[dict]) -> dict[str, torch.Tensor]:
