@@ -47,6 +47,11 @@ WORKER = textwrap.dedent(
             time.sleep(delay)
         return score
 
+    if len(sys.argv) > 6:  # start barrier: tell the test we are ready, wait for "go"
+        barrier = Path(sys.argv[6])
+        (barrier / f"ready-{__import__('os').getpid()}").touch()
+        while not (barrier / "go").exists():
+            time.sleep(0.02)
     search.run_worker(study, space, evaluate, n_trials, lock, progress=False)
     """
 )
@@ -58,10 +63,12 @@ def _env():
     return env
 
 
-def _start(tmp_path: Path, storage: str, name: str, n: int, delay: float, seed: int = 0) -> subprocess.Popen:
+def _start(tmp_path: Path, storage: str, name: str, n: int, delay: float, seed: int = 0,
+           barrier: Path | None = None) -> subprocess.Popen:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    return subprocess.Popen([sys.executable, str(script), storage, name, str(n), str(delay), str(seed)],
+    extra = [str(barrier)] if barrier else []
+    return subprocess.Popen([sys.executable, str(script), storage, name, str(n), str(delay), str(seed), *extra],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -145,7 +152,15 @@ def test_killed_search_resumes_without_lost_or_duplicated_trials(tmp_path):
 def test_two_workers_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     name, n = "two-workers", 8
-    procs = [_start(tmp_path, storage, name, n, delay=0.15, seed=k) for k in range(2)]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_start(tmp_path, storage, name, n, delay=0.15, seed=k, barrier=barrier) for k in range(2)]
+    # both start trials together (a slow start-up on a loaded machine would let one worker do them all)
+    deadline = time.time() + 60
+    while len(list(barrier.glob("ready-*"))) < 2 and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read() if procs[0].poll() else ""
+        time.sleep(0.05)
+    (barrier / "go").touch()
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stdout.read()
     trials = _trials(storage, name)

@@ -213,11 +213,15 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 def open_study(name: str, storage: str | optuna.storages.BaseStorage, sampler: str = "tpe", seed: int = 0,
                pruner_startup_trials: int = 3, pruner_warmup_steps: int = 0) -> optuna.Study:
     """Create or load (by name) the study; one sampler object per study object."""
-    st = open_storage(storage) if isinstance(storage, str) else storage
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
                                          n_warmup_steps=pruner_warmup_steps)
-    return optuna.create_study(study_name=name, storage=st, direction="maximize", load_if_exists=True,
-                               sampler=make_sampler(sampler, seed), pruner=pruner)
+    # Under the study lock: two processes creating a fresh SQLite file at once race on its schema
+    # ("table studies already exists") and on the study row.
+    guard = study_lock(lock_path(storage, name)) if isinstance(storage, str) else contextlib.nullcontext()
+    with guard:
+        st = open_storage(storage) if isinstance(storage, str) else storage
+        return optuna.create_study(study_name=name, storage=st, direction="maximize", load_if_exists=True,
+                                   sampler=make_sampler(sampler, seed), pruner=pruner)
 
 
 # --------------------------------------------------------------------------- owners and stale trials
