@@ -139,10 +139,15 @@ def balance_frame(f: pd.DataFrame) -> pd.DataFrame:
 # ---- GX engine ----------------------------------------------------------------------------------
 class _GX:
     def __init__(self) -> None:
-        # GX logs its set-up at INFO (closures, temp doc sites): noise beside our summary.
-        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        # GX logs its set-up at INFO (closures, temp doc sites): noise beside our summary. Quiet its
+        # loggers during the import and again after it (the import configures some of them).
+        quiet = logging.getLogger("great_expectations")
+        quiet.setLevel(logging.WARNING)
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        for name in [quiet.name, *(n for n in logging.root.manager.loggerDict if n.startswith("great_expectations"))]:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.gx = gx
         self.ctx = gx.get_context(mode="ephemeral")
