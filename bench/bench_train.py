@@ -92,12 +92,18 @@ def run_bare(records: str, steps: int, workdir: str, store: str) -> dict:
     backend.prepare_training(train)
     full = backend.collate(train.to_dict("records"))  # every image decoded and every word encoded, once
     n, bs = len(train), 64
-    # Rebuild per-row bags so a batch is plain indexing (offsets are per row / per option).
-    q_len = torch.diff(full["q_offsets"], append=torch.tensor([len(full["q_ids"])]))
+    # Fixed-width id matrices padded with PAD (EmbeddingBag leaves padding_idx out of the mean), so a
+    # batch is pure tensor indexing: no Python per row, the least a loop over this data can do.
+    encs = [backend._encode(r) for r in train.to_dict("records")]
     k = full["o_mask"].shape[1]
-    o_len = torch.diff(full["o_offsets"], append=torch.tensor([len(full["o_ids"])]))
-    q_rows = torch.split(full["q_ids"], q_len.tolist())
-    o_rows = torch.split(full["o_ids"], o_len.tolist())
+    lq = max(len(q) for q, _, _ in encs)
+    lo = max(len(o) for _, opts, _ in encs for o in opts)
+    Q = torch.zeros(n, lq, dtype=torch.long)
+    O = torch.zeros(n, k, lo, dtype=torch.long)
+    for i, (q, opts, _) in enumerate(encs):
+        Q[i, : len(q)] = torch.tensor(q)
+        for c, o in enumerate(opts):
+            O[i, c, : len(o)] = torch.tensor(o)
     model = backend.model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -111,12 +117,9 @@ def run_bare(records: str, steps: int, workdir: str, store: str) -> dict:
     for _ in range(steps):
         if (j + 1) * bs > n:
             perm, j = torch.randperm(n, generator=g), 0
-        idx = perm[j * bs:(j + 1) * bs].tolist()
+        idx = perm[j * bs:(j + 1) * bs]
         j += 1
-        qs = [q_rows[i] for i in idx]
-        os_ = [o_rows[i * k + c] for i in idx for c in range(k)]
-        scores = model(full["images"][idx], torch.cat(qs), torch.tensor([0] + [len(q) for q in qs[:-1]]).cumsum(0),
-                       torch.cat(os_), torch.tensor([0] + [len(o) for o in os_[:-1]]).cumsum(0), full["o_mask"][idx])
+        scores = model(full["images"][idx], Q[idx], None, O[idx].view(-1, lo), None, full["o_mask"][idx])
         loss = F.cross_entropy(scores, full["labels"][idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
