@@ -116,9 +116,13 @@ def fmt(mean: float, lo: float, hi: float) -> str:
 
 
 def fmt_cell(cell: dict | None) -> str:
+    """An accuracy with its t-interval, clipped to [0, 100] (with 3 seeds the interval can overshoot)."""
     if not ok(cell):
         return "n/a"
-    return fmt(cell["mean"], *cell["ci95"])
+    lo, hi = cell["ci95"]
+    if not math.isnan(lo):
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return fmt(cell["mean"], lo, hi)
 
 
 def paired_gap(a: dict, b: dict) -> dict[str, Any]:
