@@ -13,6 +13,24 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_RECORD_PATH = FIXTURES / "medmat_sample_record.json"
 
 
+@pytest.fixture(autouse=True)
+def _isolated_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test offline, and never logging into the repo's own mlruns/.
+
+    The Makefile exports MLFLOW_TRACKING_URI for the pipeline; a test that forgot to clear it would
+    write into the developer's store, so it is cleared here for all of them.
+    """
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
 def write_jpeg(path: Path, size: int = 16, colour: tuple[int, int, int] = (90, 90, 90)) -> Path:
     """A real (decodable) JPEG at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
