@@ -193,7 +193,8 @@ def _err(cell: dict) -> list[float]:
     m, (lo, hi) = cell["mean"], cell["ci95"]
     if math.isnan(lo):
         return [0.0, 0.0]
-    return [pct(m - lo), pct(hi - m)]
+    lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy interval stays inside [0, 100]
+    return [pct(max(m - lo, 0.0)), pct(max(hi - m, 0.0))]
 
 
 def _save(fig, path: Path, dpi: int) -> None:
