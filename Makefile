@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 
-.PHONY: setup demo test test-slow test-all bench ui dashboard clean
+.PHONY: setup demo test test-slow test-all bench ui dashboard use-gpu-config clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ ui: setup
 
 dashboard: setup
 	$(BIN)/optuna-dashboard sqlite:///mlruns/optuna.db --host 127.0.0.1 --port 8080
+
+# Switch params.yaml to the paper's GPU configuration (local checkpoint; old file kept as params.yaml.bak).
+use-gpu-config: setup
+	$(BIN)/python -m medmat.pipeline use-config configs/gpu.yaml
 
 clean:
 	rm -rf mlruns reports/*.png work .pytest_cache
