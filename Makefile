@@ -12,7 +12,6 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
-export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 
 .PHONY: setup demo test test-slow test-all bench ui dashboard use-gpu-config clean
 

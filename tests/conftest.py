@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# Cleared for the whole session, before any fixture (module-scoped ones included) opens a store:
+# an inherited MLFLOW_TRACKING_URI overrides params and would send tests into the user's own mlruns/.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE_RECORD_PATH = FIXTURES / "medmat_sample_record.json"
