@@ -11,6 +11,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
+# dvc.yaml's stages call `medmat` and `python`: the venv's, whether or not it is activated.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
 
 .PHONY: setup demo test test-slow test-all bench ui dashboard use-gpu-config clean

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
+    # dvc.yaml's commands call `medmat` and `python`: put this interpreter's bin/ (the venv) first on
+    # PATH so they resolve to it even when the venv is not activated (as under `make demo`).
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     Path("mlruns").mkdir(exist_ok=True)
     t0 = time.time()
     rc = ensure_data(Path(args.data), args.params)
