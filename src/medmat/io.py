@@ -1,0 +1,50 @@
+"""Atomic file writes, shared by every stage.
+
+A reader (the next DVC stage, a resumed run, optuna-dashboard) must never see half a file, and an
+interrupted write must leave the previous version intact: write a temp file in the same folder, fsync,
+then os.replace (atomic on POSIX within one file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _default_file_mode() -> int:
+    # mkstemp creates 0600; an output file should be as readable as any other the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically; the folder is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> Path:
+    """Write `data` as JSON (with a final newline) atomically; `dump_kwargs` go to json.dumps."""
+    dump_kwargs.setdefault("indent", 1)
+    return atomic_write_text(path, json.dumps(data, **dump_kwargs) + "\n")
