@@ -228,7 +228,8 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     params["train"].update(max_steps=15, eval_every=5, checkpoint_every=0)
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     params["tracking"]["artifact_root"] = str(tmp_path / "mlruns/artifacts")
-    params["search"].update(storage=f"sqlite:///{tmp_path}/mlruns/optuna.db", pruner_warmup_steps=0)
+    # trials train with the shrunken `train:` above (params.yaml's search.train override is for the demo)
+    params["search"].update(storage=f"sqlite:///{tmp_path}/mlruns/optuna.db", pruner_warmup_steps=0, train={})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**_env(), "MLFLOW_TRACKING_URI": params["tracking"]["tracking_uri"], "HF_HUB_OFFLINE": "1"}
 
