@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ import pandas as pd
 
 from medmat.catalog import Catalog, Triplet, load_catalog, parse_target
 from medmat.config import ConfigError, from_dict, load_params
+from medmat.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -300,19 +300,8 @@ def build_designs(records: pd.DataFrame, target: Target, cfg: DesignsConfig,
 
 # ---- I/O -----------------------------------------------------------------------------------------
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Atomic JSON write (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic JSON write (medmat.io)."""
+    return atomic_write_json(path, data, indent=1)
 
 
 def write_designs(designs: list[dict[str, Any]], out_dir: str | os.PathLike, cfg: DesignsConfig) -> dict[str, Any]:

@@ -17,13 +17,15 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import re
 import sys
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from medmat.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -339,10 +341,7 @@ def confusion_matrix(preds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def plot_confusion(conf: dict[str, Any], title: str, path: Path) -> None:
@@ -368,9 +367,9 @@ def plot_confusion(conf: dict[str, Any], title: str, path: Path) -> None:
         ax.set_ylabel("true label")
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        buf = BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(path, buf.getvalue())
     finally:
         plt.close(fig)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _default_file_mode() -> int:
-    # mkstemp creates 0600; an output file should be as readable as any other the user writes.
+def default_file_mode() -> int:
+    """0666 less the process umask: the mode open() would give a new file (mkstemp makes 0600)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -31,7 +31,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _default_file_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+from medmat.io import atomic_write_json
 
 # The paper caps training sets at 3,000 samples per subset (reference README).
 DEFAULT_CAP = 3000
@@ -170,21 +170,8 @@ def select_manifest(records: pd.DataFrame, manifest: Mapping[str, Any], where: s
 
 
 def save_manifest(path: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
-    """Write `manifest` as JSON atomically (temp file in the same folder, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `manifest` as JSON atomically (medmat.io)."""
+    return atomic_write_json(path, manifest, indent=1)
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:

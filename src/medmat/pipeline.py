@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from medmat.config import ConfigError, from_dict, load_params
+from medmat.io import atomic_write_text
 
 log = logging.getLogger("medmat.pipeline")
 
@@ -347,9 +348,7 @@ def use_config(overlay: str | os.PathLike, params: str | os.PathLike = "params.y
     new = head + "".join(mine[n] for n in order)
     yaml.safe_load(new)
     shutil.copyfile(params_path, str(params_path) + ".bak")
-    tmp = params_path.with_name(f".{params_path.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, params_path)
+    atomic_write_text(params_path, new)
     return list(over)
 
 

@@ -20,10 +20,12 @@ import json
 import logging
 import math
 import os
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from medmat.config import ConfigError, from_dict, load_params
+from medmat.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +200,10 @@ def _err(cell: dict) -> list[float]:
 
 
 def _save(fig, path: Path, dpi: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    # Render to memory, then one atomic write (PNG: the old temp name ended .tmp.png).
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_table3(rows: list[dict], control_rows: list[dict], path: Path, cfg: ReportConfig) -> None:
@@ -494,9 +497,7 @@ def build_report(metrics_dir: str, search_dir: str | None, designs_dir: str | No
           "- Seeds vary model initialisation and data order; the record selection of each arm is fixed by "
           "`designs.seed`. With 3 seeds the t-intervals are wide; read gaps with their intervals.", ""]
     text = "\n".join(L) + "\n"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    atomic_write_text(out / "report.md", text)
 
     summary = {
         "main_mean_gap_pts": round(pct(s_main["mean_gap_targets"]), 2) if s_main["rows"] else None,

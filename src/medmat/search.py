@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medmat.io import atomic_write_text
+
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
@@ -407,15 +409,7 @@ def history_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_outputs(study: optuna.Study, out_dir: Path, target: str, seed: int, extra: Mapping[str, Any] | None = None) -> dict:

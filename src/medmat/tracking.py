@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from medmat.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -596,8 +597,4 @@ def read_run_id(run_dir: str | os.PathLike) -> str | None:
 
 def write_run_id(run_dir: str | os.PathLike, run_id: str) -> None:
     """Atomically record the run id in RUN_DIR/mlflow_run_id (a restart resumes this run)."""
-    path = Path(run_dir) / "mlflow_run_id"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(run_id + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(Path(run_dir) / "mlflow_run_id", run_id + "\n")

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medmat.config import ConfigError, from_dict, load_params
+from medmat.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +143,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)
 
 
 def _to_device(batch: Any, device) -> Any:

@@ -40,6 +40,7 @@ from medmat.data.medmat_format import (
     DEFAULT_TEST_FRACTION, FormatError, SourceFile, default_file_mode, derive_split, find_files,
     parse_question_choice, read_records,
 )
+from medmat.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -424,17 +425,7 @@ def write_problems(path: str | os.PathLike, problems: list[dict], summary: Inges
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"data_root": summary.data_root, "records_file": records_file,
            "summary": summary.__dict__, "problems": problems}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, doc, indent=2, ensure_ascii=False)
 
 
 def _prefix_if_id(rid: object, prefix: str) -> str | None:

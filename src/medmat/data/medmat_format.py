@@ -15,11 +15,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from medmat.io import atomic_write_text, default_file_mode  # noqa: F401  (re-exported for ingest)
 
 ORIGINAL_DIR = "Original_Medical_Datasets"
 SUBSET_DIR = "Aggregated_Subsets"
@@ -233,27 +233,8 @@ def dumps_records(records: Sequence[dict]) -> str:
 
 
 def write_records(path: str | os.PathLike, records: Sequence[dict]) -> Path:
-    """Write one file atomically (temp file + os.replace): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = dumps_records(records).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a data file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def default_file_mode() -> int:
-    """0666 less the process umask: the mode open() would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    """Write one file atomically (medmat.io): readers never see half a file."""
+    return atomic_write_text(path, dumps_records(records))
 
 
 def derive_split(labels: Sequence[str], image_keys: Sequence[Sequence[Hashable]], *, seed: int = 0,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from medmat.config import ConfigError, from_dict
+from medmat.io import atomic_write_text
 
 # The small JSON file in every saved model directory that says which backend wrote it.
 BACKEND_FILE = "medmat_backend.json"
@@ -83,14 +84,8 @@ def write_backend_file(out_dir: str | os.PathLike, backend: str, **extra: Any) -
     """Write BACKEND_FILE atomically; every backend's save() calls this."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / BACKEND_FILE
-    tmp = path.with_suffix(".json.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump({"backend": backend, **extra}, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    # No trailing newline (as before), hence atomic_write_text rather than atomic_write_json.
+    return atomic_write_text(out / BACKEND_FILE, json.dumps({"backend": backend, **extra}, indent=1, sort_keys=True))
 
 
 def read_backend_file(model_dir: str | os.PathLike) -> dict[str, Any]:

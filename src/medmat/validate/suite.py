@@ -15,12 +15,10 @@ record_id/source_file, only over as many leading rows as the listing cap needs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import pandas as pd
 from medmat.validate.checks import (
     CHECKS, CRITICAL, NEEDED, NOT_CHECKED, WARNING, ValidateParams, _LEXICAL_ESCAPE, prepare,
 )
+from medmat.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 INDEX_COLUMNS = ["record_id", "source_file", "_row"]
@@ -327,18 +326,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def write_report(path: str | os.PathLike, report: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, ensure_ascii=False, default=_jsonable)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, report, indent=2, ensure_ascii=False, default=_jsonable)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
