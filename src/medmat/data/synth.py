@@ -47,7 +47,6 @@ import numpy as np
 
 from medmat.data import qa
 from medmat.data.medmat_format import relative_path
-from medmat.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -625,8 +624,23 @@ def write_full_metadata(root: Path, plans: list[DatasetPlan], per_dataset: dict[
 
 
 def _write_text_records(path: Path, records) -> None:
-    """A JSON list, one pre-serialised record per line, written atomically."""
-    atomic_write_text(path, "[\n" + ",\n".join(records) + "\n]\n")
+    """A JSON list, one pre-serialised record per line, written atomically.
+
+    Streamed to the temp file rather than through medmat.io: at full scale one subset file is ~1 GB,
+    which should not be held in memory as a string.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write("[\n")
+        first = True
+        for rec in records:
+            if not first:
+                fh.write(",\n")
+            fh.write(rec)
+            first = False
+        fh.write("\n]\n")
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- CLI
