@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -58,3 +59,60 @@ def sample_world(tmp_path: Path, sample_record: dict) -> Path:
     out.parent.mkdir(parents=True)
     out.write_text(json.dumps([sample_record], indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
     return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(cmd: list[str], ready_url: str, *, timeout: float = 60, env: dict | None = None,
+                 log_path: Path | None = None):
+    """Start a server (mlflow, optuna-dashboard) on 127.0.0.1 and stop it afterwards.
+
+    It runs in its own process group, because mlflow server forks workers: the whole group is
+    stopped at the end. Ready = `ready_url` answers HTTP 200; a server that exits or stays silent
+    for `timeout` seconds fails the test with the tail of its log.
+    """
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def tail() -> str:
+        return log_path.read_text()[-2000:] if log_path else ""
+
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {tail()}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # not listening yet, or still migrating its store
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"{cmd[0]} did not answer {ready_url} within {timeout:.0f} s: {tail()}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if log_path:
+            log.close()

@@ -4,13 +4,8 @@ and the logged pyfunc model, loaded through the server, answers a question about
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,50 +15,24 @@ import requests
 
 from medmat import tracking
 from medmat.evaluate import evaluate_backend
+from conftest import free_port, local_server
 from test_evaluate import make_world, train_tiny
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin if mlflow_bin.exists() else shutil.which("mlflow")), "server",
            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
            "--default-artifact-root", str(root / "artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # No background job executor: it spawns workers at start-up that this test does not use.
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (root / "server.log").open("w")
-    # Own process group: the server forks workers, and we stop exactly this group afterwards.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:  # not listening yet, or busy migrating
-            pass
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGTERM)
-            raise RuntimeError(f"mlflow server not up after 60 s: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    # No background job executor: it spawns workers at start-up that this test does not use.
+    with local_server(cmd, f"{url}/health", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                      log_path=root / "server.log"):
+        yield url
 
 
 def api(url, method, path, **kw):

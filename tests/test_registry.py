@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,7 +18,7 @@ import pytest
 
 from medmat import registry, tracking
 
-from conftest import write_jpeg
+from conftest import free_port, local_server, write_jpeg
 
 TRIPLET = "CT-Lung-COVID"
 QC = "What disease is shown in this image?\nA: COVID-19\nB: Normal\nAnswer with the option's letter from the given choices directly."
@@ -160,38 +156,17 @@ def test_champion_pyfunc_answers_and_server_serves_it(store, tmp_path, model_dir
     answers = loaded.predict(pd.DataFrame({"image": [str(image)], "question_choice": [QC]}))
     assert list(answers) and answers[0] in ("A", "B")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg_uri = store.tracking_uri
+    port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", cfg_uri, "--default-artifact-root",
-                             store.artifact_root, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)  # its own group: the server forks uvicorn workers
-    try:
+    cmd = [str(exe), "server", "--backend-store-uri", store.tracking_uri, "--default-artifact-root",
+           store.artifact_root, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with local_server(cmd, f"http://127.0.0.1:{port}/health"):
         base = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models"
-        body = None
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/get?name={urllib.parse.quote(name)}", timeout=3) as r:
-                    body = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None, "mlflow server did not answer"
+        with urllib.request.urlopen(f"{base}/get?name={urllib.parse.quote(name)}", timeout=5) as r:
+            body = json.loads(r.read())
         aliases = {a["alias"]: a["version"] for a in body["registered_model"].get("aliases", [])}
         assert aliases.get("champion") == "1"
         q = urllib.parse.urlencode({"name": name, "alias": "champion"})
         with urllib.request.urlopen(f"{base}/alias?{q}", timeout=5) as r:
             mv = json.loads(r.read())["model_version"]
         assert mv["version"] == "1" and any(t["key"] == "medmat.test_accuracy" for t in mv["tags"])
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group we started, workers included
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
