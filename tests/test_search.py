@@ -106,7 +106,9 @@ def test_killed_search_resumes_without_lost_or_duplicated_trials(tmp_path):
             except (KeyError, Exception):
                 continue
             done = [t for t in trials if t.state == TrialState.COMPLETE]
-            running = [t for t in trials if t.state == TrialState.RUNNING and search.OWNER in t.user_attrs]
+            # kill once the running trial's mixture is fixed (it is training): a kill while it is
+            # still being sampled leaves partial params, which its retry completes by sampling
+            running = [t for t in trials if t.state == TrialState.RUNNING and search.MIXTURE in t.user_attrs]
             if len(done) >= 3 and running:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
