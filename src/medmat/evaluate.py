@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from medmat.io import atomic_write_bytes, atomic_write_text
+from medmat.stats import wilson_ci  # the study's statistics live in medmat.stats
 
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SCORERS = ("likelihood", "generate")
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 @dataclasses.dataclass
@@ -49,25 +49,6 @@ class EvalConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.metric_prefix):
             raise ValueError(f"metric_prefix must be letters, digits or _, got {self.metric_prefix!r}")
-
-
-# ------------------------------------------------------------------------------------ statistics
-
-
-def wilson_ci(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (better than normal ± at small n or p near 0/1)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    if not 0 <= correct <= n:
-        raise ValueError(f"correct={correct} outside 0..n={n}")
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # At k = 0 or k = n the bound is exactly 0 or 1; floating point would give 0.9999999999999999.
-    lo = 0.0 if correct == 0 else max(0.0, centre - half)
-    hi = 1.0 if correct == n else min(1.0, centre + half)
-    return (lo, hi)
 
 
 # -------------------------------------------------------------------------------- letter parser
@@ -212,10 +193,26 @@ def _clean_row(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def tie_break(scores: Sequence[float], record_id: Any, seed: int = 0) -> int:
+    """Index of the best score; exact ties go to a random one of the tied options, drawn from an RNG
+    keyed on (seed, record id) — reproducible for a seed, never the first position (with balanced
+    answer letters a positional tie-break scores exactly 1/k and looks like a measurement)."""
+    import hashlib
+
+    top = max(scores)
+    tied = [i for i, s in enumerate(scores) if s >= top - 1e-9]
+    if len(tied) == 1:
+        return tied[0]
+    key = hashlib.sha256(f"{int(seed)}|{record_id}".encode()).digest()
+    return tied[random.Random(int.from_bytes(key[:8], "big")).randrange(len(tied))]
+
+
 def predict_letters(
-    backend, rows: list[dict[str, Any]], scorer: str = "likelihood"
+    backend, rows: list[dict[str, Any]], scorer: str = "likelihood", seed: int = 0
 ) -> tuple[list[str | None], list[str]]:
-    """Predicted letters (None = unparseable) and the raw model outputs for one batch of rows."""
+    """Predicted letters (None = unparseable) and the raw model outputs for one batch of rows.
+
+    `seed` keys the random tie-break between equally scored options (see `tie_break`)."""
     import torch
 
     if scorer not in SCORERS:
@@ -237,7 +234,7 @@ def predict_letters(
                             f"record {row.get('record_id')}: backend scored {len(sc)} options, "
                             f"record has {len(row['options'])}"
                         )
-                    best = max(range(len(sc)), key=lambda i: (sc[i], -i))
+                    best = tie_break(sc, row.get("record_id"), seed)
                     letters.append(LETTERS[best])
                     raw.append(json.dumps([round(s, 4) for s in sc]))
                 return letters, raw
@@ -251,7 +248,8 @@ def predict_letters(
 
 
 def evaluate_backend(
-    backend, df, scorer: str = "likelihood", batch_size: int = 64, progress: bool | None = None
+    backend, df, scorer: str = "likelihood", batch_size: int = 64, progress: bool | None = None,
+    seed: int = 0,
 ) -> EvalResult:
     """Score `backend` on the records in `df` (records-table rows); accuracy, CIs, confusion."""
     from tqdm.auto import tqdm
@@ -272,7 +270,7 @@ def evaluate_backend(
     with tqdm(total=len(rows), desc=f"evaluate ({scorer})", unit="rec", disable=disable) as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            letters, raw = predict_letters(backend, batch, scorer=scorer)
+            letters, raw = predict_letters(backend, batch, scorer=scorer, seed=seed)
             for row, letter, out in zip(batch, letters, raw):
                 opts = row["options"]
                 predictions.append(
