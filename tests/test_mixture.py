@@ -9,6 +9,7 @@ import pytest
 
 from medmat.mixture import (
     MixtureError,
+    allocate,
     ids_sha256,
     load_manifest,
     resolve_mixture,
@@ -97,3 +98,39 @@ def test_manifest_round_trip_and_selection(tmp_path):
         load_manifest(tmp_path / "broken.json")
     with pytest.raises(MixtureError, match="components"):
         save_manifest(tmp_path / "x.json", {"seed": 0}) and load_manifest(tmp_path / "x.json")
+
+
+def test_allocate_shares_then_moves_shortfalls():
+    # proportional to the requests, largest remainder to the lower key on ties
+    assert allocate({"a": 1, "b": 1, "c": 1}, {"a": 99, "b": 99, "c": 99}, 10) == {"a": 4, "b": 3, "c": 3}
+    assert allocate({"a": 300, "b": 100}, {"a": 999, "b": 999}, 100) == {"a": 75, "b": 25}
+    # a component short of records passes its share to the others, in proportion to their requests
+    assert allocate({"a": 1, "b": 1, "c": 2}, {"a": 5, "b": 99, "c": 99}, 65) == {"a": 5, "b": 20, "c": 40}
+    # not enough in all: everything there is (the caller reports the shortfall)
+    assert allocate({"a": 1, "b": 1}, {"a": 3, "b": 4}, 20) == {"a": 3, "b": 4}
+    # a component requested at 0 is not a member; all at 0 = equal shares
+    assert allocate({"a": 0, "b": 5}, {"a": 99, "b": 3}, 10) == {"a": 0, "b": 3}
+    assert allocate({"a": 0, "b": 0}, {"a": 99, "b": 99}, 10) == {"a": 5, "b": 5}
+
+
+def test_exact_total_redistributes_and_reports_shortfall():
+    df = _records()  # subset 04: 100 train records, 28: 100
+    sel, man = resolve_mixture(df, {"04": 50, "28": 50}, seed=0, cap_per_subset=80, exact_total=150)
+    assert man["total"] == len(sel) == 150 and man["matched"] and man["shortfall"] == 0
+    assert {k: v["selected"] for k, v in man["components"].items()} == {"04": 75, "28": 75}
+    # the cap holds: 28 may give at most 30, 04 gives the rest
+    _, man = resolve_mixture(df, {"04": 50, "28": 50}, seed=0, cap_per_subset=None,
+                             exact_total=130, exclude=[f"ori70-train-COVID-19-{i}" for i in range(50)] +
+                             [f"ori70-train-Normal-{i}" for i in range(20)])
+    c = man["components"]
+    assert (c["28"]["excluded"], c["28"]["available"], c["28"]["selected"], c["04"]["selected"]) == (70, 30, 30, 100)
+    assert man["excluded"] == 70 and man["matched"] and man["total"] == 130
+    assert not any(r.startswith("ori70-train-COVID") for r in man["record_ids"])
+    # more than there is: all of it, and the manifest says by how much it falls short
+    _, man = resolve_mixture(df, {"components": {"04": 1, "28": 1}, "exact_total": 250, "seed": 0})
+    assert (man["total"], man["matched"], man["shortfall"], man["exact_total"]) == (200, False, 50, 250)
+    # the manifest re-resolves to the same records (its exact_total travels with it)
+    again = select_manifest(df, {k: v for k, v in man.items() if k not in ("record_ids", "sha256")})
+    assert sorted(again["record_id"]) == man["record_ids"]
+    with pytest.raises(MixtureError, match="exact_total"):
+        resolve_mixture(df, {"04": 5}, exact_total=-1)

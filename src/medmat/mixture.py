@@ -4,6 +4,12 @@ A mixture is named weights, never a positional list: `{"components": {"04": 1000
 (subset numbers as zero-padded strings -> number of training samples). `resolve_mixture` turns it into
 the selected records and a manifest with counts and content hashes, so two runs that claim the same
 data can be checked to have used the same record ids.
+
+Equal-size comparisons (Baseline+ vs its Related arm, scale-up arms, search trials at one budget) ask
+for an *exact total*: `resolve_mixture(..., exact_total=N)` (or a spec with "exact_total": N) shares N
+over the components in proportion to their requests, and where a component holds fewer records than
+its share, spreads the shortfall over the others that have records to spare (`allocate`). If all of
+them together hold fewer than N, the manifest says so (`matched: false`, `shortfall`), never silently.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def _components(spec: Mapping[str, Any]) -> dict[str, int]:
         raise MixtureError(f"mixture spec must map subset -> samples, got {type(spec).__name__}")
     out: dict[str, int] = {}
     for name, n in raw.items():
-        if name == "seed" and raw is spec:
+        if name in ("seed", "exact_total") and raw is spec:
             continue
         key = subset_key(name)
         if isinstance(n, Mapping):  # a manifest's own component entry: reuse its request
@@ -65,6 +71,41 @@ def _components(spec: Mapping[str, Any]) -> dict[str, int]:
 def _component_rng(seed: int, key: str) -> np.random.Generator:
     # One stream per (seed, subset): adding a component never changes what another one selects.
     return np.random.default_rng([int(seed), int(key)])
+
+
+def allocate(requested: Mapping[str, int], capacity: Mapping[str, int], total: int) -> dict[str, int]:
+    """Integers summing to min(total, capacity of the requested components), in proportion to
+    `requested`, none above its `capacity`.
+
+    Water-filling: share what is left over the open components by their requests; a component whose
+    share exceeds its capacity takes all it has and closes, and the rest is shared again, so a
+    shortfall moves to the components with records to spare. Rounding: largest remainder, ties to
+    the lower key. A component requested at 0 gets 0 (it is not a member); all requests 0 = equal shares.
+    """
+    weights = {k: float(v) for k, v in requested.items()}
+    if weights and not any(weights.values()):
+        weights = {k: 1.0 for k in weights}
+    out = {k: 0 for k in requested}
+    open_ = [k for k in sorted(weights) if weights[k] > 0 and capacity.get(k, 0) > 0]
+    left = min(int(total), sum(capacity.get(k, 0) for k in open_))
+    while open_ and left > 0:
+        wsum = sum(weights[k] for k in open_)
+        share = {k: left * weights[k] / wsum for k in open_}
+        full = [k for k in open_ if share[k] >= capacity[k] - out[k]]
+        if full:
+            for k in full:
+                left -= capacity[k] - out[k]
+                out[k] = capacity[k]
+            open_ = [k for k in open_ if k not in full]
+            continue
+        base = {k: int(share[k]) for k in open_}
+        extra = left - sum(base.values())
+        for k in sorted(open_, key=lambda k: (-(share[k] - base[k]), k))[:extra]:
+            base[k] += 1
+        for k in open_:
+            out[k] += base[k]
+        left = 0
+    return out
 
 
 def _balanced_pick(pool: pd.DataFrame, n: int, rng: np.random.Generator, balance: bool) -> pd.DataFrame:
@@ -101,6 +142,8 @@ def resolve_mixture(
     split: str = "train",
     cap_per_subset: int | None = DEFAULT_CAP,
     balance_labels: bool = True,
+    exact_total: int | None = None,
+    exclude: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Select the records of mixture `spec`; return (selected records, manifest).
 
@@ -108,27 +151,51 @@ def resolve_mixture(
     `records`. A component asking for more than its subset holds (or more than the cap) gets what
     there is; the manifest's `requested` vs `selected` shows it. A component naming a subset with no
     records in `split` is an error (a design that silently trains on nothing is worse than a crash).
+
+    exact_total: select exactly this many records in all (see `allocate`; default: the spec's
+    "exact_total" key, else none); the manifest gains `exact_total`, `matched` and `shortfall`, and
+    each component its `allocated` count. exclude: record ids never selected (e.g. leaking images);
+    each component reports how many of its records were `excluded`, the manifest their sum.
     """
     missing = {"record_id", "subset_no", "split", "answer_text"} - set(records.columns)
     if missing:
         raise MixtureError(f"records table lacks column(s) {sorted(missing)}")
     if seed is None:
         seed = int(spec.get("seed", 0)) if isinstance(spec, Mapping) else 0
+    if exact_total is None and isinstance(spec, Mapping) and spec.get("exact_total") is not None:
+        exact_total = spec["exact_total"]
+    if exact_total is not None and (isinstance(exact_total, bool) or int(exact_total) < 0):
+        raise MixtureError(f"exact_total must be a non-negative integer, got {exact_total!r}")
     comps = _components(spec)
     pool_all = records[records["split"] == split]
     subset_keys = pool_all["subset_no"].map(lambda s: "" if pd.isna(s) else subset_key(s))
-    frames, entries = [], {}
-    for key, requested in comps.items():
+    excluded_ids = {str(x) for x in exclude} if exclude is not None else set()
+    pools, n_excluded = {}, {}
+    for key in comps:
         pool = pool_all[subset_keys == key]
         if pool.empty:
             raise MixtureError(f"mixture component '{key}': no records of subset {key} in split '{split}'")
-        n = min(requested, len(pool), cap_per_subset if cap_per_subset else requested)
-        picked = _balanced_pick(pool, n, _component_rng(seed, key), balance_labels)
+        if excluded_ids:
+            drop = pool["record_id"].astype(str).isin(excluded_ids)
+            n_excluded[key] = int(drop.sum())
+            pool = pool[~drop]
+        pools[key] = pool
+    capacity = {k: min(len(p), cap_per_subset) if cap_per_subset else len(p) for k, p in pools.items()}
+    if exact_total is None:
+        counts = {k: min(comps[k], capacity[k]) for k in comps}
+    else:
+        counts = allocate(comps, capacity, int(exact_total))
+    frames, entries = [], {}
+    for key, requested in comps.items():
+        pool = pools[key]
+        picked = _balanced_pick(pool, counts[key], _component_rng(seed, key), balance_labels)
         frames.append(picked)
         entries[key] = {
             "requested": requested,
+            **({"allocated": counts[key]} if exact_total is not None else {}),
             "selected": int(len(picked)),
             "available": int(len(pool)),
+            **({"excluded": n_excluded[key]} if excluded_ids else {}),
             "labels": {str(k): int(v) for k, v in sorted(picked["answer_text"].value_counts().items())},
             "sha256": ids_sha256(picked["record_id"]),
         }
@@ -148,6 +215,11 @@ def resolve_mixture(
         "sha256": ids_sha256(ids),
         "record_ids": ids,
     }
+    if exact_total is not None:
+        manifest.update(exact_total=int(exact_total), matched=len(ids) == int(exact_total),
+                        shortfall=int(exact_total) - len(ids))
+    if excluded_ids:
+        manifest["excluded"] = sum(n_excluded.values())
     return selected, manifest
 
 

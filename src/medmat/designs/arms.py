@@ -1,0 +1,339 @@
+"""The arms of one target as mixture manifests, and the files `medmat designs` writes.
+
+For a target (a subset), from the catalogue (`rules`) and the records table:
+
+- the target's *dev* split (label-balanced draw from its train records; model selection reads it,
+  never the test split) and its test split;
+- *leakage*: every training record whose image is a dev/test image of the target (same sha256, or a
+  perceptual hash within `phash_distance` bits) is dropped from every arm (`leakage.py`);
+- per selected Related combination: `related` (samples_per_subset from each member) and
+  `baseline_plus` at exactly the Related arm's SELECTED total, from Unrelated subsets (a seeded draw
+  per target; a member short of records passes its shortfall to the others: `mixture.allocate`);
+  the index says `matched: false` and by how much when even that cannot match;
+- scale-up arms (the paper's Figure 4) at exactly one total `scaleup_total` each, where the data allow;
+- limited target data (k target records + the companions of a Related combination or of its
+  Baseline+) and in_distribution (the target's own training data: an upper bound).
+
+Baseline (the untrained model) has no data and no manifest.
+
+Layout (one folder per target): index.json, dev.json, <combination id>/{related,baseline_plus}.json,
+scaleup/<arm>.json, limited/<variant>.json, in_distribution.json, splits.json (record ids by split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medmat.catalog import Catalog, load_catalog, parse_target
+from medmat.catalog.tasks import TAXONOMIES
+from medmat.designs import rules
+from medmat.designs.leakage import leaking_records
+from medmat.io import atomic_write_json
+from medmat.mixture import MixtureError, resolve_mixture
+
+# "related_without_*" (not "_wo_"): the search's warm start takes arms named related* / all_related
+# and leaves out names containing "without" (the ablations answer another question).
+SCALEUP_ARMS = ("all_related", "all_unrelated", "related_without_modality", "related_without_area",
+                "related_without_task", "all_data")
+COMBINATION_ARMS = ("related", "baseline_plus")
+ALL_ARMS = ("baseline",) + COMBINATION_ARMS + SCALEUP_ARMS + ("limited", "in_distribution")
+
+
+@dataclasses.dataclass
+class DesignsConfig:
+    """params.yaml `designs:` section."""
+
+    samples_per_subset: int = 3000   # per Related member (paper: 3,000)
+    scaleup_total: int = 15000       # exact total of every scale-up arm (paper: a 15,000 cap)
+    cap_per_subset: int = 3000       # no subset gives more than this (paper: 3,000)
+    limited_k: list = dataclasses.field(default_factory=lambda: [0, 500, 1000, 2000])  # paper: 0..2,000
+    dev_size: int = 100              # target train records held out as the dev split (model selection)
+    seed: int = 0                    # record selection (training seeds vary the model, not the data)
+    task_taxonomy: str = "paper"     # paper: coarse tasks (Appendix B.1) | fine: the catalogue's task kinds
+    phash_distance: int = 4          # near-duplicate leakage: Hamming distance of 64-bit perceptual hashes
+    directions: list = dataclasses.field(default_factory=lambda: list(rules.DIRECTIONS))
+
+    def __post_init__(self):
+        for name in ("samples_per_subset", "scaleup_total", "cap_per_subset"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dev_size < 0:
+            raise ValueError(f"dev_size must be >= 0, got {self.dev_size}")
+        if any(int(k) < 0 for k in self.limited_k):
+            raise ValueError(f"limited_k must be non-negative, got {self.limited_k}")
+        if self.task_taxonomy not in TAXONOMIES:
+            raise ValueError(f"task_taxonomy must be one of {list(TAXONOMIES)}, got {self.task_taxonomy!r}")
+        if not 0 <= int(self.phash_distance) < 64:
+            raise ValueError(f"phash_distance must be in 0..63, got {self.phash_distance}")
+        bad = [d for d in self.directions if d not in rules.DIRECTIONS]
+        if bad:
+            raise ValueError(f"directions: unknown {bad}; known: {list(rules.DIRECTIONS)}")
+
+
+class DesignError(ValueError):
+    """A target or arm that cannot be built; the message names what is missing."""
+
+
+@dataclasses.dataclass
+class Target:
+    triplet: rules.Triplet
+    subset_no: int | None
+
+    @property
+    def label(self) -> str:
+        """Folder name: the zero-padded subset number, else the triplet."""
+        return f"{self.subset_no:02d}" if self.subset_no is not None else str(self.triplet)
+
+
+def resolve_target(text: str | int, catalog: Catalog | None = None) -> Target:
+    triplet, no = parse_target(text, catalog or load_catalog())
+    return Target(triplet, no)
+
+
+def target_label(text: str | int, catalog: Catalog | None = None) -> str:
+    return resolve_target(text, catalog).label
+
+
+# ---- combinations of a target --------------------------------------------------------------------
+def combinations(target: Target, cfg: DesignsConfig, catalog: Catalog | None = None) -> list[rules.Combination]:
+    """Every valid combination of `target` (cfg.directions, cfg.task_taxonomy), paper rows marked."""
+    cat = catalog or load_catalog()
+    view = rules.target_view(cat, target.triplet, target.subset_no, cfg.task_taxonomy)
+    return rules.match_paper_rows(rules.enumerate_combinations(cat, view, cfg.task_taxonomy, tuple(cfg.directions)))
+
+
+def select(combos: list[rules.Combination], selection: Any, label: str) -> list[rules.Combination]:
+    """experiment.combinations: "paper" (one reading per Table 3 row), "all", or a list of ids
+    ("fixed_area-04-28", or "03/fixed_area-04-28" for one target only)."""
+    if selection == "paper":
+        return [c for c in combos if c.paper_primary]
+    if selection == "all":
+        return list(combos)
+    wanted = {str(s).split("/", 1)[-1] for s in selection if "/" not in str(s) or str(s).split("/", 1)[0] == label}
+    return [c for c in combos if c.id in wanted]
+
+
+# ---- records -------------------------------------------------------------------------------------
+def _subset_col(records: pd.DataFrame) -> pd.Series:
+    return pd.to_numeric(records["subset_no"], errors="coerce")
+
+
+def target_splits(records: pd.DataFrame, target: Target, dev_size: int, seed: int) -> tuple[dict[str, list[str]], dict | None]:
+    """({"dev", "train", "test"} record ids of the target, the dev manifest). The dev split is a
+    label-balanced draw from its train records (at most half of them), deterministic for the seed."""
+    if target.subset_no is None:
+        return {"dev": [], "train": [], "test": []}, None
+    mine = records[_subset_col(records) == target.subset_no]
+    train = mine[mine["split"] == "train"]
+    test = sorted(mine.loc[mine["split"] == "test", "record_id"].astype(str))
+    dev, dev_manifest = [], None
+    if dev_size and len(train):
+        n = min(dev_size, len(train) // 2)  # the in-distribution arm needs the rest
+        _, dev_manifest = resolve_mixture(train, {target.label: n}, seed=seed + 7919, cap_per_subset=None)
+        dev = dev_manifest["record_ids"]
+    rest = sorted(set(train["record_id"].astype(str)) - set(dev))
+    return {"dev": sorted(dev), "train": rest, "test": test}, dev_manifest
+
+
+def _even(members: list[int], total: int) -> dict[str, int]:
+    """Equal requests summing to at least `total` (the exact total is resolve_mixture's job)."""
+    return {f"{no:02d}": math.ceil(total / len(members)) for no in members}
+
+
+def build_target(records: pd.DataFrame, target: Target, cfg: DesignsConfig, selection: Any = "paper",
+                 catalog: Catalog | None = None) -> dict[str, Any]:
+    """Every arm of one target, in memory: {"index": index.json's content, "files": {relative path:
+    manifest}}; `write_target` writes them."""
+    cat = catalog or load_catalog()
+    view = rules.target_view(cat, target.triplet, target.subset_no, cfg.task_taxonomy)
+    splits, dev_manifest = target_splits(records, target, cfg.dev_size, cfg.seed)
+    leaks = leaking_records(records, splits["dev"] + splits["test"], cfg.phash_distance)
+    exclude = set(leaks)
+    pool = records[~records["record_id"].astype(str).isin(set(splits["dev"]))]
+    subsets_present = set(_subset_col(pool[pool["split"] == "train"]).dropna().astype(int))
+    head = {"target": target.label, "triplet": str(target.triplet)}
+    files: dict[str, dict[str, Any]] = {}
+    dropped: list[dict[str, str]] = []
+
+    def resolve(name: str, spec: dict[str, int], exact_total: int | None = None, **extra: Any) -> dict | None:
+        try:
+            _, man = resolve_mixture(pool, {"components": spec}, seed=cfg.seed, cap_per_subset=cfg.cap_per_subset,
+                                     exact_total=exact_total, exclude=exclude)
+        except MixtureError as exc:
+            dropped.append({"id": name, "reason": str(exc)})
+            return None
+        dropped_leaks = man.pop("excluded", 0)
+        return {"arm": name, **head, **extra, **man, "leakage_dropped": dropped_leaks}
+
+    # Unrelated subsets in a seeded order per target: Baseline+ takes the first k that have records,
+    # the same for every combination and training seed of the target.
+    unrelated = [no for no in rules.unrelated_pool(cat, view, cfg.task_taxonomy) if no in subsets_present]
+    random.Random(f"{cfg.seed}-{target.label}").shuffle(unrelated)
+
+    combos = combinations(target, cfg, cat)
+    chosen = select(combos, selection, target.label)
+    entries = []
+    for c in chosen:
+        members = c.members(cat)
+        rel = resolve(f"{c.id}/related", {k: cfg.samples_per_subset for k in members},
+                      combination=c.id, direction=c.direction, members=members)
+        if rel is None:
+            continue
+        total = rel["total"]
+        bp_members = unrelated[:len(c.related)]
+        if not bp_members:
+            dropped.append({"id": f"{c.id}/baseline_plus", "reason": f"baseline_plus: no Unrelated subset of "
+                            f"{target.triplet} (sharing no element) has training records"})
+            continue
+        bp = resolve(f"{c.id}/baseline_plus", _even(bp_members, total), exact_total=total, combination=c.id,
+                     members={f"{no:02d}": str(cat.triplet_of_subset(no)) for no in bp_members})
+        if bp is None:
+            continue
+        files[f"{c.id}/related.json"], files[f"{c.id}/baseline_plus.json"] = rel, bp
+        row = rules.paper_row(c.paper_row) if c.paper_row else None
+        entries.append({
+            "id": c.id, "direction": c.direction, "related": [f"{n:02d}" for n in c.related], "members": members,
+            "coarse_task": c.coarse_task, "coarse_tasks": list(c.roles),
+            "paper_row": row.row if row else None, "paper_rows": list(c.paper_rows), "paper_primary": c.paper_primary,
+            "primary_rows": list(c.primary_rows),
+            "paper": ({"row": row.row, "names": row.names, "baseline": row.baseline,
+                       "baseline_plus": row.baseline_plus, "trained": row.trained, "cg_helps": row.cg_helps}
+                      if row else None),
+            "arms": {a: f"{c.id}/{a}.json" for a in COMBINATION_ARMS},
+            "selected_total": total, "baseline_plus_total": bp["total"], "matched": bool(bp["matched"]),
+            "shortfall": int(bp["shortfall"]), "leakage_dropped": rel["leakage_dropped"] + bp["leakage_dropped"],
+        })
+
+    arms: dict[str, Any] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+
+    def keep(name: str, path: str, man: dict | None) -> None:
+        if man is None:
+            return
+        files[path] = man
+        arms[name] = path
+        summaries[name] = {"selected_total": man["total"], "matched": man.get("matched", True),
+                           "shortfall": man.get("shortfall", 0), "leakage_dropped": man["leakage_dropped"]}
+
+    shares = {no: rules.shares_any(cat, view, no, cfg.task_taxonomy) for no in rules.candidates(cat, view)}
+    for arm in SCALEUP_ARMS:
+        if arm == "all_related":
+            members = [no for no, s in shares.items() if s]
+        elif arm == "all_unrelated":
+            members = [no for no, s in shares.items() if not s]
+        elif arm == "all_data":
+            members = list(shares)
+        else:
+            element = arm.removeprefix("related_without_")
+            members = [no for no, s in shares.items() if s and element not in s]
+        members = [no for no in members if no in subsets_present]
+        if not members:
+            dropped.append({"id": f"scaleup/{arm}", "reason": f"{arm}: no such subset with training records "
+                            f"for target {target.triplet}"})
+            continue
+        keep(arm, f"scaleup/{arm}.json", resolve(f"scaleup/{arm}", _even(members, cfg.scaleup_total),
+                                                 exact_total=cfg.scaleup_total, cap_total=cfg.scaleup_total))
+
+    if target.subset_no is None:
+        dropped.append({"id": "limited", "reason": f"no subset has triplet {target.triplet}: no target data"})
+        dropped.append({"id": "in_distribution", "reason": f"no subset has triplet {target.triplet}"})
+    else:
+        tkey = target.label
+        limited: dict[str, str] = {}
+        first = entries[0] if entries else None
+        for companion, arm in (("related", "related"), ("unrelated", "baseline_plus")):
+            if first is None:
+                break
+            source = files[first["arms"][arm]]
+            comps = {k: v["selected"] for k, v in source["components"].items()}
+            for k in sorted({int(x) for x in cfg.limited_k}):
+                name = f"{companion}_k{k}"
+                man = resolve(f"limited/{name}", dict(comps, **({tkey: k} if k else {})),
+                              companion=companion, companion_arm=f"{first['id']}/{arm}", k=k)
+                if man is not None:
+                    man["k_selected"] = man["components"].get(tkey, {}).get("selected", 0)
+                    files[f"limited/{name}.json"] = man
+                    limited[name] = f"limited/{name}.json"
+        if limited:
+            arms["limited"] = limited
+        else:
+            dropped.append({"id": "limited", "reason": "limited: no Related combination of this target was built"})
+        if splits["train"]:
+            keep("in_distribution", "in_distribution.json",
+                 resolve("in_distribution", {tkey: len(splits["train"])},
+                         note="upper bound: the target's own training data (minus its dev split)"))
+        else:
+            dropped.append({"id": "in_distribution", "reason": f"in_distribution: subset {tkey} has no train records"})
+
+    if dev_manifest is not None:
+        files["dev.json"] = {"arm": "dev", "role": "dev", **head, **dev_manifest}
+    # the target's record ids by split, for readers that predate dev.json (the search's dev split)
+    files["splits.json"] = {**head, **splits}
+    index = {
+        **head, "subset_no": target.subset_no, "task_taxonomy": cfg.task_taxonomy, "roles": list(view.roles),
+        "selection": selection, "valid_combinations": len(combos),
+        "combinations": entries, "dropped": dropped, "arms": arms, "arm_totals": summaries,
+        "dev": "dev.json" if dev_manifest is not None else None,
+        "dev_record_count": len(splits["dev"]), "train_record_count": len(splits["train"]),
+        "test_record_count": len(splits["test"]),
+        "leakage": {"exact": sum(v == "exact" for v in leaks.values()),
+                    "near": sum(v == "near" for v in leaks.values()), "phash_distance": cfg.phash_distance},
+    }
+    return {"index": index, "files": files}
+
+
+# ---- I/O -----------------------------------------------------------------------------------------
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomic JSON write (medmat.io)."""
+    return atomic_write_json(path, data, indent=1)
+
+
+def write_target(design: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write one target's manifests and its index.json under out_dir/<target>/; stale files of an
+    earlier run (a combination no longer selected) are removed so no reader picks them up."""
+    tdir = Path(out_dir) / design["index"]["target"]
+    keep = {tdir / rel for rel in design["files"]} | {tdir / "index.json"}
+    if tdir.is_dir():
+        for old in tdir.rglob("*.json"):
+            if old not in keep:
+                old.unlink()
+    for rel, man in design["files"].items():
+        write_json(tdir / rel, man)
+    return write_json(tdir / "index.json", design["index"])
+
+
+def load_index(designs_dir: str | os.PathLike, target: str) -> dict[str, Any]:
+    path = Path(designs_dir) / target / "index.json"
+    if not path.exists():
+        raise DesignError(f"{path}: no designs for target {target} (run `medmat designs`)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_arm(designs_dir: str | os.PathLike, target_label: str, arm: str) -> dict[str, Any]:
+    """The manifest of one arm path ("fixed_area-04-28/related", "scaleup/all_related", "dev", ...)."""
+    path = Path(designs_dir) / target_label / f"{arm}.json"
+    if not path.exists():
+        raise DesignError(f"{path}: no such design (run `medmat designs` for target {target_label})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def warm_start_mixtures(designs_dir: str | os.PathLike, target: str) -> dict[str, dict[str, int]]:
+    """{arm path: {subset: selected count}} of the target's Related combinations and All Related:
+    the mixtures a search may try first (not Baseline+, ablations, limited or in-distribution)."""
+    index = load_index(designs_dir, target)
+    out: dict[str, dict[str, int]] = {}
+    paths = [c["arms"]["related"] for c in index.get("combinations", [])]
+    if "all_related" in index.get("arms", {}):
+        paths.append(index["arms"]["all_related"])
+    for rel in paths:
+        man = load_arm(designs_dir, target, rel.removesuffix(".json"))
+        out[rel.removesuffix(".json")] = {k: int(v["selected"]) for k, v in man["components"].items()}
+    return out
