@@ -216,6 +216,8 @@ def test_build_target_arms_equal_sizes_and_splits(cat, records):
     assert files["in_distribution.json"]["total"] == 32
     lim = {p: files[p] for p in index["arms"]["limited"].values()}
     assert lim["limited/related_k5.json"]["k_selected"] == 5 and lim["limited/related_k0.json"]["total"] == 20
+    # companions of the row that gained most in the paper: row 25 (+31 points over both baselines)
+    assert index["limited_combination"] == "fixed_task-05-28" == lim["limited/related_k5.json"]["companion_arm"].split("/")[0]
     # deterministic
     again = build_target(records, resolve_target(3, cat), cfg(), "paper", cat)
     assert again["files"]["fixed_area-04-28/baseline_plus.json"]["sha256"] == files["fixed_area-04-28/baseline_plus.json"]["sha256"]
@@ -279,6 +281,7 @@ def test_designs_drop_training_records_showing_target_images(tmp_path, cat):
     assert leaks == {"sub04-train-3": "exact", "sub28-train-5": "near"}
     # an old table without image_phash: the exact check still runs, the near one is skipped
     assert leaking_records(df.drop(columns="image_phash"), ["sub03-test-0", "sub03-test-1"]) == {"sub04-train-3": "exact"}
+    assert leaking_records(df, ["sub03-test-0", "sub03-test-1"], phash_distance=-1) == {"sub04-train-3": "exact"}
 
     d = build_target(df, resolve_target(3, cat), cfg(samples_per_subset=100), ["fixed_area-04-28"], cat)
     rel = d["files"]["fixed_area-04-28/related.json"]

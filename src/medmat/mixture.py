@@ -168,11 +168,12 @@ def resolve_mixture(
         raise MixtureError(f"exact_total must be a non-negative integer, got {exact_total!r}")
     comps = _components(spec)
     pool_all = records[records["split"] == split]
-    subset_keys = pool_all["subset_no"].map(lambda s: "" if pd.isna(s) else subset_key(s))
+    # subset numbers compared as numbers (vectorised: the full table has millions of rows)
+    subset_nums = pd.to_numeric(pool_all["subset_no"], errors="coerce")
     excluded_ids = {str(x) for x in exclude} if exclude is not None else set()
     pools, n_excluded = {}, {}
     for key in comps:
-        pool = pool_all[subset_keys == key]
+        pool = pool_all[subset_nums == int(key)]
         if pool.empty:
             raise MixtureError(f"mixture component '{key}': no records of subset {key} in split '{split}'")
         if excluded_ids:

@@ -58,7 +58,8 @@ class DesignsConfig:
     dev_size: int = 100              # target train records held out as the dev split (model selection)
     seed: int = 0                    # record selection (training seeds vary the model, not the data)
     task_taxonomy: str = "paper"     # paper: coarse tasks (Appendix B.1) | fine: the catalogue's task kinds
-    phash_distance: int = 4          # near-duplicate leakage: Hamming distance of 64-bit perceptual hashes
+    # near-duplicate leakage: largest Hamming distance of 64-bit perceptual hashes (-1: exact copies only)
+    phash_distance: int = 4
     directions: list = dataclasses.field(default_factory=lambda: list(rules.DIRECTIONS))
 
     def __post_init__(self):
@@ -71,8 +72,8 @@ class DesignsConfig:
             raise ValueError(f"limited_k must be non-negative, got {self.limited_k}")
         if self.task_taxonomy not in TAXONOMIES:
             raise ValueError(f"task_taxonomy must be one of {list(TAXONOMIES)}, got {self.task_taxonomy!r}")
-        if not 0 <= int(self.phash_distance) < 64:
-            raise ValueError(f"phash_distance must be in 0..63, got {self.phash_distance}")
+        if not -1 <= int(self.phash_distance) < 64:
+            raise ValueError(f"phash_distance must be in 0..63 (or -1: no near-duplicate check), got {self.phash_distance}")
         bad = [d for d in self.directions if d not in rules.DIRECTIONS]
         if bad:
             raise ValueError(f"directions: unknown {bad}; known: {list(rules.DIRECTIONS)}")
@@ -148,6 +149,106 @@ def _even(members: list[int], total: int) -> dict[str, int]:
     return {f"{no:02d}": math.ceil(total / len(members)) for no in members}
 
 
+@dataclasses.dataclass
+class _Arms:
+    """The manifests of one target as they are built: every arm resolves from the same pool (train
+    records outside the target's dev split) with the same exclusions (leaking records)."""
+
+    pool: pd.DataFrame
+    exclude: set[str]
+    cfg: DesignsConfig
+    head: dict[str, Any]
+    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    dropped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def resolve(self, name: str, spec: dict[str, int], exact_total: int | None = None, **extra: Any) -> dict | None:
+        """The manifest of arm `name`, or None with the reason in `dropped`."""
+        try:
+            _, man = resolve_mixture(self.pool, {"components": spec}, seed=self.cfg.seed,
+                                     cap_per_subset=self.cfg.cap_per_subset, exact_total=exact_total,
+                                     exclude=self.exclude)
+        except MixtureError as exc:
+            self.drop(name, str(exc))
+            return None
+        leaked = man.pop("excluded", 0)
+        return {"arm": name, **self.head, **extra, **man, "leakage_dropped": leaked}
+
+    def drop(self, name: str, reason: str) -> None:
+        self.dropped.append({"id": name, "reason": reason})
+
+
+def _combination(b: _Arms, c: rules.Combination, unrelated: list[int], cat: Catalog) -> dict[str, Any] | None:
+    """Related + Baseline+ of one combination; its index entry (None if it cannot be built)."""
+    members = c.members(cat)
+    rel = b.resolve(f"{c.id}/related", {k: b.cfg.samples_per_subset for k in members},
+                    combination=c.id, direction=c.direction, members=members)
+    if rel is None:
+        return None
+    bp_members = unrelated[:len(c.related)]
+    if not bp_members:
+        b.drop(f"{c.id}/baseline_plus", f"baseline_plus: no Unrelated subset of target {b.head['triplet']} "
+               "(sharing no element) has training records")
+        return None
+    # Baseline+ at exactly the Related arm's SELECTED total (what it actually trains on)
+    total = rel["total"]
+    bp = b.resolve(f"{c.id}/baseline_plus", _even(bp_members, total), exact_total=total, combination=c.id,
+                   members={f"{no:02d}": str(cat.triplet_of_subset(no)) for no in bp_members})
+    if bp is None:
+        return None
+    b.files[f"{c.id}/related.json"], b.files[f"{c.id}/baseline_plus.json"] = rel, bp
+    row = rules.paper_row(c.paper_row) if c.paper_row else None
+    return {
+        "id": c.id, "direction": c.direction, "related": [f"{n:02d}" for n in c.related], "members": members,
+        "coarse_task": c.coarse_task, "coarse_tasks": list(c.roles),
+        "paper_row": row.row if row else None, "paper_rows": list(c.paper_rows),
+        "paper_primary": c.paper_primary, "primary_rows": list(c.primary_rows),
+        "paper": ({"row": row.row, "names": row.names, "baseline": row.baseline,
+                   "baseline_plus": row.baseline_plus, "trained": row.trained, "cg_helps": row.cg_helps}
+                  if row else None),
+        "arms": {a: f"{c.id}/{a}.json" for a in COMBINATION_ARMS},
+        "selected_total": total, "baseline_plus_total": bp["total"], "matched": bool(bp["matched"]),
+        "shortfall": int(bp["shortfall"]), "leakage_dropped": rel["leakage_dropped"] + bp["leakage_dropped"],
+    }
+
+
+def _scaleup_members(shares: dict[int, set[str]], arm: str) -> list[int]:
+    """Figure 4's arms: Related = sharing at least one element; "without X" = Related minus those sharing X."""
+    if arm == "all_related":
+        return [no for no, s in shares.items() if s]
+    if arm == "all_unrelated":
+        return [no for no, s in shares.items() if not s]
+    if arm == "all_data":
+        return list(shares)
+    element = arm.removeprefix("related_without_")
+    return [no for no, s in shares.items() if s and element not in s]
+
+
+def _limited(b: _Arms, entries: list[dict[str, Any]], tkey: str) -> tuple[dict[str, str], str | None]:
+    """k target records + the companions of one combination (Related) or of its Baseline+ (Unrelated).
+    The combination: the one whose paper row gained most (the paper's Figure 5 trains strong rows),
+    else the first built."""
+    def paper_gain(e: dict[str, Any]) -> float:
+        p = e["paper"]
+        return p["trained"] - max(p["baseline"], p["baseline_plus"]) if p else float("-inf")
+
+    source = max(entries, key=paper_gain, default=None)
+    if source is None:
+        b.drop("limited", "limited: no Related combination of this target was selected and built")
+        return {}, None
+    out: dict[str, str] = {}
+    for companion, arm in (("related", "related"), ("unrelated", "baseline_plus")):
+        comps = {k: v["selected"] for k, v in b.files[source["arms"][arm]]["components"].items()}
+        for k in sorted({int(x) for x in b.cfg.limited_k}):
+            name = f"{companion}_k{k}"
+            man = b.resolve(f"limited/{name}", dict(comps, **({tkey: k} if k else {})),
+                            companion=companion, companion_arm=f"{source['id']}/{arm}", k=k)
+            if man is not None:
+                man["k_selected"] = man["components"].get(tkey, {}).get("selected", 0)
+                b.files[f"limited/{name}.json"] = man
+                out[name] = f"limited/{name}.json"
+    return out, source["id"]
+
+
 def build_target(records: pd.DataFrame, target: Target, cfg: DesignsConfig, selection: Any = "paper",
                  catalog: Catalog | None = None) -> dict[str, Any]:
     """Every arm of one target, in memory: {"index": index.json's content, "files": {relative path:
@@ -156,138 +257,68 @@ def build_target(records: pd.DataFrame, target: Target, cfg: DesignsConfig, sele
     view = rules.target_view(cat, target.triplet, target.subset_no, cfg.task_taxonomy)
     splits, dev_manifest = target_splits(records, target, cfg.dev_size, cfg.seed)
     leaks = leaking_records(records, splits["dev"] + splits["test"], cfg.phash_distance)
-    exclude = set(leaks)
-    pool = records[~records["record_id"].astype(str).isin(set(splits["dev"]))]
-    subsets_present = set(_subset_col(pool[pool["split"] == "train"]).dropna().astype(int))
-    head = {"target": target.label, "triplet": str(target.triplet)}
-    files: dict[str, dict[str, Any]] = {}
-    dropped: list[dict[str, str]] = []
+    pool = records[(records["split"] == "train") & ~records["record_id"].astype(str).isin(set(splits["dev"]))]
+    present = set(_subset_col(pool).dropna().astype(int))
+    b = _Arms(pool, set(leaks), cfg, {"target": target.label, "triplet": str(target.triplet)})
 
-    def resolve(name: str, spec: dict[str, int], exact_total: int | None = None, **extra: Any) -> dict | None:
-        try:
-            _, man = resolve_mixture(pool, {"components": spec}, seed=cfg.seed, cap_per_subset=cfg.cap_per_subset,
-                                     exact_total=exact_total, exclude=exclude)
-        except MixtureError as exc:
-            dropped.append({"id": name, "reason": str(exc)})
-            return None
-        dropped_leaks = man.pop("excluded", 0)
-        return {"arm": name, **head, **extra, **man, "leakage_dropped": dropped_leaks}
-
-    # Unrelated subsets in a seeded order per target: Baseline+ takes the first k that have records,
-    # the same for every combination and training seed of the target.
-    unrelated = [no for no in rules.unrelated_pool(cat, view, cfg.task_taxonomy) if no in subsets_present]
+    # Unrelated subsets in a seeded order per target: Baseline+ takes the first k, the same for every
+    # combination and training seed of the target.
+    unrelated = [no for no in rules.unrelated_pool(cat, view, cfg.task_taxonomy) if no in present]
     random.Random(f"{cfg.seed}-{target.label}").shuffle(unrelated)
-
     combos = combinations(target, cfg, cat)
-    chosen = select(combos, selection, target.label)
-    entries = []
-    for c in chosen:
-        members = c.members(cat)
-        rel = resolve(f"{c.id}/related", {k: cfg.samples_per_subset for k in members},
-                      combination=c.id, direction=c.direction, members=members)
-        if rel is None:
-            continue
-        total = rel["total"]
-        bp_members = unrelated[:len(c.related)]
-        if not bp_members:
-            dropped.append({"id": f"{c.id}/baseline_plus", "reason": f"baseline_plus: no Unrelated subset of "
-                            f"{target.triplet} (sharing no element) has training records"})
-            continue
-        bp = resolve(f"{c.id}/baseline_plus", _even(bp_members, total), exact_total=total, combination=c.id,
-                     members={f"{no:02d}": str(cat.triplet_of_subset(no)) for no in bp_members})
-        if bp is None:
-            continue
-        files[f"{c.id}/related.json"], files[f"{c.id}/baseline_plus.json"] = rel, bp
-        row = rules.paper_row(c.paper_row) if c.paper_row else None
-        entries.append({
-            "id": c.id, "direction": c.direction, "related": [f"{n:02d}" for n in c.related], "members": members,
-            "coarse_task": c.coarse_task, "coarse_tasks": list(c.roles),
-            "paper_row": row.row if row else None, "paper_rows": list(c.paper_rows), "paper_primary": c.paper_primary,
-            "primary_rows": list(c.primary_rows),
-            "paper": ({"row": row.row, "names": row.names, "baseline": row.baseline,
-                       "baseline_plus": row.baseline_plus, "trained": row.trained, "cg_helps": row.cg_helps}
-                      if row else None),
-            "arms": {a: f"{c.id}/{a}.json" for a in COMBINATION_ARMS},
-            "selected_total": total, "baseline_plus_total": bp["total"], "matched": bool(bp["matched"]),
-            "shortfall": int(bp["shortfall"]), "leakage_dropped": rel["leakage_dropped"] + bp["leakage_dropped"],
-        })
+    entries = [e for c in select(combos, selection, target.label)
+               if (e := _combination(b, c, unrelated, cat)) is not None]
 
     arms: dict[str, Any] = {}
-    summaries: dict[str, dict[str, Any]] = {}
+    totals: dict[str, dict[str, Any]] = {}
 
     def keep(name: str, path: str, man: dict | None) -> None:
-        if man is None:
-            return
-        files[path] = man
-        arms[name] = path
-        summaries[name] = {"selected_total": man["total"], "matched": man.get("matched", True),
-                           "shortfall": man.get("shortfall", 0), "leakage_dropped": man["leakage_dropped"]}
+        if man is not None:
+            b.files[path], arms[name] = man, path
+            totals[name] = {"selected_total": man["total"], "matched": man.get("matched", True),
+                            "shortfall": man.get("shortfall", 0), "leakage_dropped": man["leakage_dropped"]}
 
+    # Scale-up: every arm at exactly scaleup_total where its subsets hold enough (else matched: false)
     shares = {no: rules.shares_any(cat, view, no, cfg.task_taxonomy) for no in rules.candidates(cat, view)}
     for arm in SCALEUP_ARMS:
-        if arm == "all_related":
-            members = [no for no, s in shares.items() if s]
-        elif arm == "all_unrelated":
-            members = [no for no, s in shares.items() if not s]
-        elif arm == "all_data":
-            members = list(shares)
-        else:
-            element = arm.removeprefix("related_without_")
-            members = [no for no, s in shares.items() if s and element not in s]
-        members = [no for no in members if no in subsets_present]
+        members = [no for no in _scaleup_members(shares, arm) if no in present]
         if not members:
-            dropped.append({"id": f"scaleup/{arm}", "reason": f"{arm}: no such subset with training records "
-                            f"for target {target.triplet}"})
+            b.drop(f"scaleup/{arm}", f"{arm}: no such subset with training records for target {target.triplet}")
             continue
-        keep(arm, f"scaleup/{arm}.json", resolve(f"scaleup/{arm}", _even(members, cfg.scaleup_total),
-                                                 exact_total=cfg.scaleup_total, cap_total=cfg.scaleup_total))
+        keep(arm, f"scaleup/{arm}.json", b.resolve(f"scaleup/{arm}", _even(members, cfg.scaleup_total),
+                                                   exact_total=cfg.scaleup_total, cap_total=cfg.scaleup_total))
 
+    limited_from = None
     if target.subset_no is None:
-        dropped.append({"id": "limited", "reason": f"no subset has triplet {target.triplet}: no target data"})
-        dropped.append({"id": "in_distribution", "reason": f"no subset has triplet {target.triplet}"})
+        b.drop("limited", f"no subset has triplet {target.triplet}: no target data")
+        b.drop("in_distribution", f"no subset has triplet {target.triplet}")
     else:
-        tkey = target.label
-        limited: dict[str, str] = {}
-        first = entries[0] if entries else None
-        for companion, arm in (("related", "related"), ("unrelated", "baseline_plus")):
-            if first is None:
-                break
-            source = files[first["arms"][arm]]
-            comps = {k: v["selected"] for k, v in source["components"].items()}
-            for k in sorted({int(x) for x in cfg.limited_k}):
-                name = f"{companion}_k{k}"
-                man = resolve(f"limited/{name}", dict(comps, **({tkey: k} if k else {})),
-                              companion=companion, companion_arm=f"{first['id']}/{arm}", k=k)
-                if man is not None:
-                    man["k_selected"] = man["components"].get(tkey, {}).get("selected", 0)
-                    files[f"limited/{name}.json"] = man
-                    limited[name] = f"limited/{name}.json"
+        limited, limited_from = _limited(b, entries, target.label)
         if limited:
             arms["limited"] = limited
-        else:
-            dropped.append({"id": "limited", "reason": "limited: no Related combination of this target was built"})
         if splits["train"]:
             keep("in_distribution", "in_distribution.json",
-                 resolve("in_distribution", {tkey: len(splits["train"])},
-                         note="upper bound: the target's own training data (minus its dev split)"))
+                 b.resolve("in_distribution", {target.label: len(splits["train"])},
+                           note="upper bound: the target's own training data (minus its dev split)"))
         else:
-            dropped.append({"id": "in_distribution", "reason": f"in_distribution: subset {tkey} has no train records"})
+            b.drop("in_distribution", f"in_distribution: subset {target.label} has no train records")
 
     if dev_manifest is not None:
-        files["dev.json"] = {"arm": "dev", "role": "dev", **head, **dev_manifest}
+        b.files["dev.json"] = {"arm": "dev", "role": "dev", **b.head, **dev_manifest}
     # the target's record ids by split, for readers that predate dev.json (the search's dev split)
-    files["splits.json"] = {**head, **splits}
+    b.files["splits.json"] = {**b.head, **splits}
     index = {
-        **head, "subset_no": target.subset_no, "task_taxonomy": cfg.task_taxonomy, "roles": list(view.roles),
+        **b.head, "subset_no": target.subset_no, "task_taxonomy": cfg.task_taxonomy, "roles": list(view.roles),
         "selection": selection, "valid_combinations": len(combos),
-        "combinations": entries, "dropped": dropped, "arms": arms, "arm_totals": summaries,
+        "combinations": entries, "dropped": b.dropped, "arms": arms, "arm_totals": totals,
+        "limited_combination": limited_from,
         "dev": "dev.json" if dev_manifest is not None else None,
         "dev_record_count": len(splits["dev"]), "train_record_count": len(splits["train"]),
         "test_record_count": len(splits["test"]),
         "leakage": {"exact": sum(v == "exact" for v in leaks.values()),
                     "near": sum(v == "near" for v in leaks.values()), "phash_distance": cfg.phash_distance},
     }
-    return {"index": index, "files": files}
+    return {"index": index, "files": b.files}
 
 
 # ---- I/O -----------------------------------------------------------------------------------------

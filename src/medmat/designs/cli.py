@@ -167,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     summary = design_targets(table, args.out, args.params, args.targets, getattr(args, "combinations", None))
     for label, entry in summary["targets"].items():
-        print(f"target {label} {entry['triplet']}: {len(entry['combinations'])} combinations "
-              f"({', '.join(entry['combinations']) or 'none'}); {entry['dropped']} arms dropped; "
+        names = entry["combinations"]
+        shown = ", ".join(names[:8]) + (f", ... (+{len(names) - 8})" if len(names) > 8 else "")
+        print(f"target {label} {entry['triplet']}: {len(names)} combinations ({shown or 'none'}); "
+              f"{entry['dropped']} arms dropped; "
               f"leaking training records dropped: {entry['leakage_dropped']}"
               + (f"; NOT at equal size: {', '.join(entry['unmatched'])}" if entry["unmatched"] else ""))
     return 0
