@@ -1,108 +1,114 @@
-"""The experiment cell: real designs on a small Med-MAT-mini, seeds trained and evaluated in-process,
-metrics with the t-interval over seeds; unavailable and skipped arms say why."""
+"""The study stage: one typed run spec per unit, planned from the designs, run, resumed, summarised."""
 
 from __future__ import annotations
 
 import json
-import math
+import subprocess
+import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
-from medmat.designs import DesignsConfig, build_designs, resolve_target, write_designs
-from medmat.pipeline import _cli, control_data, norm_target, run_cell, t_interval
+from medmat.config import ConfigError
+from medmat.control import control_data
+from medmat.pipeline import plan_units
+from medmat.runspec import load_study_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_t_interval_three_seeds():
-    mean, lo, hi = t_interval([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6)
-    assert hi - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
-    assert math.isnan(t_interval([0.4])[1])
+def write_params(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
 
 
-def test_norm_target():
-    assert norm_target(3) == norm_target("3") == norm_target("03") == "03"
-    assert norm_target("CT-Lung-COVID") == "CT-Lung-COVID"
+@pytest.mark.parametrize("override", [{"max_step": 10}, {"weight_decay": 0.0, "keep_checkpoint": 1}])
+def test_a_misspelled_train_override_stops_the_run_naming_it(tmp_path, override):
+    p = write_params(tmp_path / "params.yaml", experiment={"train_overrides": override})
+    with pytest.raises(ConfigError) as exc:
+        load_study_params(p)
+    bad = next(k for k in override if k not in ("weight_decay",))
+    assert bad in str(exc.value) and "experiment.train_overrides" in str(exc.value)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from medmat.data.ingest import ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+def test_every_valid_override_reaches_the_train_config(tmp_path):
+    over = {"max_steps": 7, "weight_decay": 0.5, "max_grad_norm": 0.25, "keep_checkpoints": 3, "lr": 0.01}
+    study = load_study_params(write_params(tmp_path / "params.yaml", train={"max_steps": 400},
+                                           experiment={"train_overrides": over}))
+    for key, value in over.items():
+        assert getattr(study.train, key) == value
 
-    root = tmp_path_factory.mktemp("cellworld")
-    generate(root / "data", SynthParams(train_per_subset=40, test_per_subset=15, image_size=32), progress=False)
-    ingest_to_parquet(root / "data", root / "records.parquet")
-    records = pd.read_parquet(root / "records.parquet")
-    cfg = DesignsConfig(samples_per_subset=30, scaleup_total=60, limited_k=[0, 10], dev_size=10)
-    write_designs([build_designs(records, resolve_target(3), cfg)], root / "designs", cfg)
-    params = {
-        "model": {"backend": "tiny", "tiny": {"image_size": 32}},
-        "train": {"max_steps": 400, "batch_size": 16, "eval_every": 0, "checkpoint_every": 0},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db",
-                     "artifact_root": str(root / "mlruns" / "artifacts"), "experiment": "test-pipeline"},
-        "experiment": {"targets": ["03"], "seeds": [0, 1], "scaleup_targets": ["28"], "scaleup_seeds": [0],
-                       "limited_targets": ["03"], "train_overrides": {"max_steps": 15}},
+
+@pytest.mark.parametrize("section,values,name", [
+    ("experiment", {"seedz": [0]}, "seedz"),
+    ("train", {"lr": 0.1, "warmup": 3}, "warmup"),
+    ("evaluate", {"scorerr": "likelihood"}, "scorerr"),
+    ("model", {"backnd": "tiny"}, "backnd"),
+])
+def test_an_unknown_key_in_any_section_is_an_error(tmp_path, section, values, name):
+    with pytest.raises(ConfigError, match=name):
+        load_study_params(write_params(tmp_path / "params.yaml", **{section: values}))
+
+
+def test_the_study_cli_stops_on_a_bad_override_with_a_named_message(tmp_path):
+    p = write_params(tmp_path / "params.yaml", experiment={"train_overrides": {"max_step": 5}})
+    proc = subprocess.run([sys.executable, "-m", "medmat.pipeline", "study", "--target", "3", "--params", str(p)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "max_step" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _index(tmp_path: Path) -> Path:
+    """A designs folder as `medmat designs` writes it (medmat.designs): index.json per target."""
+    d = tmp_path / "designs"
+    index = {
+        "target": "03", "triplet": "CT-Lung-COVID", "subset_no": 3, "dev": "dev.json",
+        "combinations": [{"id": "fixed_area-04-28", "direction": "fixed_area", "related": ["04", "28"],
+                          "paper_row": 15, "arms": {"related": "fixed_area-04-28/related.json",
+                                                    "baseline_plus": "fixed_area-04-28/baseline_plus.json"}}],
+        "arms": {"all_related": "scaleup/all_related.json", "in_distribution": "in_distribution.json",
+                 "limited": {"related_k100": "limited/related_k100.json"}},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
+    (d / "03").mkdir(parents=True)
+    (d / "03" / "index.json").write_text(json.dumps(index))
+    return d
 
 
-def cell(world: Path, arm: str, **kw):
-    return run_cell(designs_dir=str(world / "designs"), records=str(world / "records.parquet"), target="3",
-                    arm=arm, out=str(world / "runs" / "03" / arm), metrics=str(world / "metrics" / f"{arm}.json"),
-                    params=str(world / "params.yaml"), **kw)
+def test_plan_units_one_spec_per_arm_and_seed(tmp_path):
+    study = load_study_params(write_params(tmp_path / "params.yaml", experiment={
+        "seeds": [0, 1, 2], "scaleup_targets": ["3"], "scaleup_seeds": [0], "limited_targets": ["03"]}))
+    specs = plan_units(study, target="03", records="r.parquet", designs_dir=str(_index(tmp_path)),
+                       runs_root="work/runs", world="mini", data_version="abc")
+    arms = {}
+    for s in specs:
+        arms.setdefault(s.arm, []).append(s.seed)
+    assert arms == {"baseline": [0, 1, 2], "fixed_area-04-28/related": [0, 1, 2],
+                    "fixed_area-04-28/baseline_plus": [0, 1, 2], "scaleup/all_related": [0],
+                    "in_distribution": [0], "limited/related_k100": [0]}
+    by_arm = {s.arm: s for s in specs if s.seed == 0}
+    # only Related combinations may become champion; arms that saw the target's data are marked
+    assert [a for a, s in by_arm.items() if s.candidate] == ["fixed_area-04-28/related"]
+    assert {a for a, s in by_arm.items() if s.trained_on_target} == {"in_distribution", "limited/related_k100"}
+    assert by_arm["baseline"].manifest is None
+    assert by_arm["fixed_area-04-28/related"].run_dir == "work/runs/03/fixed_area-04-28/related/seed0"
+    assert by_arm["fixed_area-04-28/related"].dev_manifest.endswith("03/dev.json")
+    tags = by_arm["fixed_area-04-28/related"].tags()
+    assert tags["medmat.world"] == "mini" and tags["medmat.data_version"] == "abc"
+    assert tags["medmat.arm"] == "fixed_area-04-28/related" and tags["medmat.target"] == "CT-Lung-COVID"
 
 
-def test_unavailable_and_skipped_cells_say_why(world):
-    r = cell(world, "related_fixed_task")
-    assert r["status"] == "unavailable" and "task COVID" in r["reason"]
-    assert json.loads((world / "runs" / "03" / "related_fixed_task" / "cell.json").read_text())["status"] == "unavailable"
-    r = cell(world, "all_related")  # 03 is not in this params' scaleup_targets
-    assert r["status"] == "skipped" and "scaleup_targets" in r["reason"]
-
-
-@pytest.mark.slow  # ~30-60 s: two seeds trained in parallel worker processes
-def test_trained_cell_runs_every_seed_and_the_stage_clis(world):
-    r = cell(world, "related_fixed_area")
-    assert r["status"] == "ok" and sorted(r["seeds"]) == ["0", "1"]
-    assert r["components"] == {"04": 30, "28": 30}
-    for s in (0, 1):
-        run_dir = world / "runs" / "03" / "related_fixed_area" / f"seed{s}"
-        m = json.loads((run_dir / "metrics.json").read_text())
-        assert 0.0 <= m["accuracy"] <= 1.0 and r["seeds"][str(s)] == m["accuracy"]
-        assert (run_dir / "model").is_dir() and (run_dir / "mlflow_run_id").exists()
-        # the cell's training override reached `medmat train`
-        assert json.loads((run_dir / "train_metrics.json").read_text())["steps"] == 15
-    mean, lo, hi = t_interval(list(r["seeds"].values()))
-    assert r["mean"] == pytest.approx(mean) and r["ci95"] == pytest.approx([lo, hi])
-    # rerun: finished seeds are reused, not retrained
-    before = (world / "runs" / "03" / "related_fixed_area" / "seed0" / "metrics.json").stat().st_mtime_ns
-    cell(world, "related_fixed_area")
-    assert (world / "runs" / "03" / "related_fixed_area" / "seed0" / "metrics.json").stat().st_mtime_ns == before
-
-
-@pytest.mark.slow
-def test_baseline_cell_is_the_untrained_model(world):
-    r = cell(world, "baseline")
-    assert r["status"] == "ok" and r["total"] == 0
-    assert not (world / "runs" / "03" / "baseline" / "seed0" / "train_metrics.json").exists()  # never trained
-    assert r["seeds"]["0"] == json.loads((world / "runs" / "03" / "baseline" / "seed0" / "metrics.json").read_text())["accuracy"]
-
-
-def test_cli_filter_drops_flags_a_stage_lacks(world, tmp_path):
-    # --no-such-flag is dropped (with its value); the stage still runs and fails only on what it checks
-    rc = _cli("medmat.designs", ["--records", str(tmp_path / "missing.parquet"), "--targets", "3",
-                                 "--out", str(tmp_path / "d"), "--no-such-flag", "x",
-                                 "--params", str(world / "params.yaml")])
-    assert rc == 2
+def test_the_control_world_plans_only_table3_arms_and_no_candidates(tmp_path):
+    study = load_study_params(write_params(tmp_path / "params.yaml", experiment={
+        "seeds": [0], "scaleup_targets": ["03"], "limited_targets": ["03"]}))
+    specs = plan_units(study, target="03", records="r.parquet", designs_dir=str(_index(tmp_path)),
+                       runs_root="work/control_runs", world="mini-entangled", data_version="x", main_world=False)
+    assert sorted(s.arm for s in specs) == ["baseline", "fixed_area-04-28/baseline_plus", "fixed_area-04-28/related"]
+    assert not any(s.candidate for s in specs)
 
 
 def test_control_data_disabled_writes_a_note(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"experiment": {"control": False}}))
+    p = write_params(tmp_path / "params.yaml", experiment={"control": False})
     assert control_data(str(tmp_path / "control"), str(p)) == 0
     assert (tmp_path / "control" / "DISABLED.json").exists()
 
@@ -111,7 +117,8 @@ def test_use_gpu_config_replaces_sections_and_keeps_the_rest(tmp_path):
     from medmat.models import ModelConfig
     from medmat.models.hf import HFConfig
     from medmat.config import from_dict
-    from medmat.pipeline import ExperimentConfig, use_config
+    from medmat.pipeline import use_config
+    from medmat.runspec import ExperimentConfig
     from medmat.train import TrainConfig
 
     repo = Path(__file__).resolve().parents[1]
@@ -131,3 +138,67 @@ def test_use_gpu_config_replaces_sections_and_keeps_the_rest(tmp_path):
     for section in ("base", "tracking", "report"):
         assert new[section] == old[section]
     assert "# presentation only" in p.read_text()
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    """A tiny Med-MAT-mini, ingested and designed for target 03, with params that train a few steps."""
+    from medmat.config import from_dict
+    from medmat.data.ingest import ingest_to_parquet
+    from medmat.data.synth import SynthParams, generate
+    from medmat.designs import design_targets
+
+    root = tmp_path_factory.mktemp("study")
+    params = {
+        "model": {"backend": "tiny", "tiny": {"image_size": 32}},
+        "train": {"max_steps": 400, "batch_size": 16, "eval_every": 0, "checkpoint_every": 5},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db",
+                     "artifact_root": str(root / "mlruns" / "artifacts"), "experiment": "test-study"},
+        "experiment": {"targets": ["03"], "combinations": ["fixed_area-04-28"], "seeds": [0, 1], "scaleup_targets": [],
+                       "limited_targets": [], "workers": 1, "train_overrides": {"max_steps": 12}},
+        "designs": {"samples_per_subset": 20, "scaleup_total": 40, "limited_k": [0], "dev_size": 8},
+    }
+    p = write_params(root / "params.yaml", **params)
+    generate(root / "data", from_dict(SynthParams, {"train_per_subset": 40, "test_per_subset": 12, "image_size": 32}),
+             progress=False)
+    ingest_to_parquet(root / "data", root / "records.parquet")
+    design_targets(root / "records.parquet", root / "designs", str(p))
+    return root
+
+
+def test_study_runs_every_unit_tracks_it_and_resumes(small_study):
+    from mlflow import MlflowClient
+
+    from medmat.pipeline import run_study
+
+    root = small_study
+    kw = dict(target="3", params=str(root / "params.yaml"), records=str(root / "records.parquet"),
+              designs_dir=str(root / "designs"), runs_root=str(root / "runs"), metrics_root=str(root / "metrics"))
+    cells = run_study(**kw)
+    combos = json.loads((root / "designs" / "03" / "index.json").read_text())["combinations"]
+    assert combos, "the tiny world builds no Table-3 combination for target 03"
+    assert set(cells) == {"baseline"} | {f"{c['id']}/{a}" for c in combos for a in c["arms"]}
+    for arm, cell in cells.items():
+        on_disk = json.loads((root / "metrics" / "03" / f"{arm}.json").read_text())
+        assert on_disk == cell and set(cell) == {"acc", "lo", "hi", "n", "degenerate"} and cell["n"] == 2
+        assert 0 <= cell["lo"] <= cell["acc"] <= cell["hi"] <= 100
+    related = root / "runs" / "03" / f"{combos[0]['id']}" / "related" / "seed1"
+    m = json.loads((related / "metrics.json").read_text())
+    assert m["candidate"] and not m["trained_on_target"] and m["world"] == "mini" and m["seed"] == 1
+    assert m["dev_accuracy"] is not None and m["dev_n"] == 8
+    assert not (related / "checkpoints").exists()  # only an unfinished unit needs them
+    # MLflow: one parent run per cell, its seeds nested; a model logged only where the registry can use it
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    parent = (root / "runs" / "03" / combos[0]["id"] / "related" / "mlflow_run_id").read_text().strip()
+    seed_run = client.get_run((related / "mlflow_run_id").read_text().strip())
+    assert seed_run.data.tags["mlflow.parentRunId"] == parent
+    assert seed_run.data.tags["medmat.world"] == "mini" and seed_run.data.tags["medmat.arm"] == f"{combos[0]['id']}/related"
+    assert client.search_logged_models(experiment_ids=[seed_run.info.experiment_id],
+                                       filter_string=f"source_run_id = '{seed_run.info.run_id}'")
+    base_run = client.get_run((root / "runs" / "03" / "baseline" / "seed0" / "mlflow_run_id").read_text().strip())
+    assert not client.search_logged_models(experiment_ids=[base_run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{base_run.info.run_id}'")
+    # a rerun answers every unit from its folder
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("metrics.json")}
+    assert run_study(**kw) == cells
+    assert {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("metrics.json")} == stamps

@@ -1,314 +1,254 @@
-"""One cell of the experiment matrix: a target x arm, every seed trained and evaluated in one process.
+"""The study stages: every unit (arm x seed) of one target on one world, run from typed run specs.
 
-Why one process per (target, arm) and not per (target, arm, seed): each fresh Python process pays
-~3-5 s of imports (torch, MLflow, pandas) on 2 cores, about as long as training the tiny model once;
-with seeds in-process the demo's matrix stays under its 15-minute budget while DVC still sees one
-stage per target x arm (so a changed arm reruns only its own cell). Train and evaluate are the
-`medmat train` / `medmat evaluate` CLIs called in-process with the same arguments a user would type,
-so the cell adds no training logic of its own.
+    python -m medmat.pipeline study --target 03                  # main world (work/runs/03/...)
+    python -m medmat.pipeline study --target 03 --world control  # the entangled negative control
+    python -m medmat.pipeline best --target 03                   # the search's best mixture, retrained
+    python -m medmat.pipeline control-data                       # the control world (medmat.control)
 
-    python -m medmat.pipeline cell --designs work/designs --records work/records.parquet \
-        --target 03 --arm related_fixed_area --out work/runs/03/related_fixed_area \
-        --metrics work/metrics/03/related_fixed_area.json
+`plan_units` turns the target's designs (work/designs/<target>/index.json) and params.yaml into one
+`RunSpec` per unit: the untrained Baseline, each Table-3 combination's Related and Baseline+ arms, and
+for the scale-up targets the scale-up, limited-data and in-distribution arms. `medmat.unit.run_units`
+runs them in worker processes; finished units are answered from their folders, so a killed
+`dvc repro` resumes where it stopped. Each cell (target x arm) is an MLflow parent run with its seeds
+nested, and writes one compact DVC metrics file: work/metrics/<world>/<target>/<arm>.json =
+{acc, lo, hi, n, degenerate} (accuracy in %, 95% t-interval over seeds).
 
-Outputs: OUT/seed<k>/ run directories (the contract's `work/runs/<target>/<arm>/seed<k>/`; limited-data
-variants under OUT/<variant>/seed<k>/) and a metrics JSON: accuracy per seed, the mean and a 95%
-t-interval over seeds. An arm the catalogue cannot build for the target writes its reason instead and
-imports nothing heavy.
+Why one DVC stage per target (not per target x arm x seed): a fresh process costs 3-5 s of imports on
+2 cores, as much as training the tiny model once, and every extra stage slows `dvc repro`'s no-op
+check; inside the stage, units are the unit of resumption and of parallelism.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from medmat.config import ConfigError, from_dict, load_params
-from medmat.io import atomic_write_text
+from medmat.config import ConfigError
+from medmat.io import atomic_write_json, atomic_write_text
+from medmat.runspec import RunSpec, StudyParams, load_study_params
 
 log = logging.getLogger("medmat.pipeline")
 
-from medmat.designs import SCALEUP_ARMS as SCALEUP  # noqa: E402  (light: catalogue + pandas)
-
-
-@dataclasses.dataclass
-class ExperimentConfig:
-    """params.yaml `experiment:` section (what runs; `designs:` says with which data)."""
-
-    targets: list = dataclasses.field(default_factory=lambda: ["03", "28", "06"])
-    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    # Scale-up and limited-data arms are the paper's two scale-up targets only (Figure 4); their seeds
-    # can be fewer than the main table's to keep the demo inside its time budget.
-    scaleup_targets: list = dataclasses.field(default_factory=lambda: ["03", "28"])
-    scaleup_seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    limited_targets: list = dataclasses.field(default_factory=lambda: ["03"])
-    control: bool = True  # run Related vs Baseline+ on the --entangled world (negative control)
-    # `train:` keys overridden for every cell (as `medmat train --max-steps ...` would): the demo trains
-    # shorter than `train:` to fit ~100 runs into 15 minutes on 2 cores; empty = `train:` as it is.
-    train_overrides: dict = dataclasses.field(default_factory=dict)
-    workers: int = 2  # seeds trained in parallel processes inside a cell (1 torch thread each)
-
-
-def load_experiment(params_path: str | os.PathLike = "params.yaml") -> ExperimentConfig:
-    params = load_params(params_path) if Path(params_path).exists() else {}
-    return from_dict(ExperimentConfig, params.get("experiment"), where=f"{params_path}: section 'experiment'")
+WORLDS = {"main": ("work/records.parquet", "work/designs", "work/runs", "work/metrics/main"),
+          "control": ("work/control/records.parquet", "work/control/designs", "work/control_runs",
+                      "work/metrics/entangled")}
 
 
 def norm_target(t: Any) -> str:
-    """3, '3', '03' -> '03'; a triplet stays as written (the designs' folder name)."""
-    s = str(t).strip()
-    return f"{int(s):02d}" if s.isdigit() else s
+    from medmat.names import norm_target as _norm
+
+    return _norm(t)
 
 
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval of the mean over seeds (3 seeds -> t(2) = 4.30)."""
-    n = len(values)
-    if n == 0:
-        return (math.nan, math.nan, math.nan)
-    mean = sum(values) / n
-    if n == 1:
-        return (mean, math.nan, math.nan)
-    from scipy import stats
+def data_version_of(records: str) -> str:
+    """The DVC hash of the tree the table was read from (its `<root>.dvc` file), else the table's own
+    content hash: the entangled control world is generated by a stage, not tracked by a .dvc file."""
+    from medmat import tracking
+    from medmat.data.records import data_root_of
+    from medmat.runspec import _file_sha256
 
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return (mean, mean - half, mean + half)
+    dvc_file = Path(str(data_root_of(records)) + ".dvc")
+    if dvc_file.is_file():
+        return tracking.data_version(dvc_file)
+    return "records-sha256:" + _file_sha256(records)[:16]
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    from medmat.designs import write_json as _w
-
-    return _w(path, data)
-
-
-# ---- running one seed through the stage CLIs -----------------------------------------------------
-def _cli(module_name: str, argv: list[str]) -> int:
-    """Run `medmat <stage>` in this process: its own parser, its own run(); returns the exit code."""
-    import importlib
-
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"medmat {module_name.rsplit('.', 1)[-1]}")
-    module.configure(parser)
-    known = {opt for action in parser._actions for opt in action.option_strings}
-    # Pass optional tags only where the stage accepts them (keeps this cell working as stages grow).
-    filtered: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        if arg.startswith("--") and arg not in known:
-            i += 2 if takes_value else 1
-            continue
-        filtered.append(arg)
-        if takes_value:
-            filtered.append(argv[i + 1])
-        i += 2 if takes_value else 1
-    return int(module.run(parser.parse_args(filtered)) or 0)
+def _load_index(designs_dir: str, target: str) -> dict[str, Any]:
+    path = Path(designs_dir) / target / "index.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no designs for target {target} (run `medmat designs`; is {target} in "
+                          "experiment.targets?)") from None
 
 
-def run_seed(*, records: str, manifest: str | None, run_dir: Path, target_no: int, target_label: str,
-             arm: str, seed: int, params: str, overrides: dict | None = None) -> dict[str, Any]:
-    """Train (unless Baseline) and evaluate one seed; return metrics.json's content."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists() and (manifest is None or (run_dir / "model").exists()):
-        # A cell killed mid-way keeps its finished seeds (dvc repro re-enters the stage).
-        return json.loads(metrics_file.read_text())
-    t0 = time.time()
-    if manifest is None:  # Baseline: the untrained model of the same architecture
-        rc = _cli("medmat.evaluate", ["--model", "untrained", "--records", records, "--target", str(target_no),
-                                      "--out", str(run_dir), "--params", params, "--seed", str(seed),
-                                      "--arm", arm, "--target-tag", target_label])
-        if rc:
-            raise RuntimeError(f"medmat evaluate (untrained, seed {seed}) exited {rc}")
-    else:
-        rc = _cli("medmat.train", ["--records", records, "--manifest", manifest, "--out", str(run_dir),
-                                   "--params", params, "--seed", str(seed), "--arm", arm,
-                                   "--target", target_label]
-                 + [x for k, v in (overrides or {}).items() for x in ("--" + k.replace("_", "-"), str(v))])
-        if rc:
-            raise RuntimeError(f"medmat train ({arm}, seed {seed}) exited {rc}; see {run_dir}")
-        rc = _cli("medmat.evaluate", ["--model", str(run_dir / "model"), "--records", records,
-                                      "--target", str(target_no), "--out", str(run_dir), "--params", params])
-        if rc not in (0, 3):  # 3: metrics written, only MLflow logging failed (logged above)
-            raise RuntimeError(f"medmat evaluate ({arm}, seed {seed}) exited {rc}")
-    out = json.loads(metrics_file.read_text())
-    log.info("%s %s seed %d: accuracy %.3f (%.1f s)", target_label, arm, seed, out["accuracy"], time.time() - t0)
+def plan_units(study: StudyParams, *, target: str, records: str, designs_dir: str, runs_root: str,
+               world: str, data_version: str, main_world: bool = True) -> list[RunSpec]:
+    """One RunSpec per (arm, seed) of `target`. The control world runs only Table 3's arms."""
+    exp = study.experiment
+    index = _load_index(designs_dir, target)
+    tdir = Path(designs_dir) / target
+    base = dict(target=target, triplet=index["triplet"], subset_no=int(index["subset_no"]), records=records,
+                params=study, world=world, data_version=data_version,
+                dev_manifest=str(tdir / index["dev"]) if index.get("dev") else None)
+
+    def specs(arm: str, manifest: str | None, seeds: list, **kw: Any) -> list[RunSpec]:
+        return [RunSpec(arm=arm, seed=int(s), manifest=manifest, run_dir=f"{runs_root}/{target}/{arm}/seed{int(s)}",
+                        **base, **kw) for s in seeds]
+
+    out = specs("baseline", None, exp.seeds)
+    for combo in index.get("combinations", []):
+        for arm_name, rel in combo["arms"].items():
+            out += specs(f"{combo['id']}/{arm_name}", str(tdir / rel), exp.seeds, combination=combo["id"],
+                         candidate=main_world and arm_name == "related")
+    if not main_world:
+        return out
+    arms = index.get("arms", {})
+    if target in {norm_target(t) for t in exp.scaleup_targets}:
+        for name, rel in arms.items():
+            if name == "limited" or not isinstance(rel, str):
+                continue
+            arm = name if name == "in_distribution" else f"scaleup/{name}"
+            out += specs(arm, str(tdir / rel), exp.scaleup_seeds)
+    if target in {norm_target(t) for t in exp.limited_targets}:
+        for variant, rel in (arms.get("limited") or {}).items():
+            out += specs(f"limited/{variant}", str(tdir / rel), exp.scaleup_seeds)
     return out
 
 
-def _run_seed_job(job: dict) -> dict[str, Any]:
-    import torch
+def cell_summary(specs: list[RunSpec], cell_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The compact DVC metrics of one cell: accuracy % mean, 95% t-interval over seeds (clipped to
+    [0, 100]), n seeds, and whether its predictions are degenerate (medmat.stats.degenerate)."""
+    from medmat.stats import degenerate_cell, t_interval
 
-    torch.set_num_threads(1)  # one core per worker process (evaluation too, not only training)
-    return run_seed(**job)
-
-
-def run_jobs(jobs: list[dict], workers: int) -> list[dict[str, Any]]:
-    """run_seed over `jobs`, `workers` processes at a time (results in job order).
-
-    Each training uses one torch thread (train.num_threads: 1), so two processes are how a sequential
-    `dvc repro` uses both cores. Forked before this process imports torch (the cell imports only
-    pandas and the catalogue), so every worker starts clean."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [run_seed(**j) for j in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    if "torch" in sys.modules:
-        # torch was imported (and maybe used) before: its thread pools do not survive fork, so the
-        # workers start afresh (tests, library callers)
-        ctx = multiprocessing.get_context("spawn")
-    else:
-        # Import the heavy stack once here, before any tensor work, and fork: each worker then starts
-        # with torch/MLflow loaded instead of paying ~5 s (more under load) of imports itself.
-        import mlflow  # noqa: F401
-        import torch  # noqa: F401
-
-        import medmat.evaluate  # noqa: F401
-        import medmat.train  # noqa: F401
-
-        ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        return list(pool.map(_run_seed_job, jobs))
+    accs = [100.0 * float(m["accuracy"]) for m in cell_metrics]
+    mean, lo, hi = t_interval(accs)
+    clip = (lambda x: None if x != x else round(min(100.0, max(0.0, x)), 2))  # noqa: E731 (NaN -> None)
+    predictions = {s.seed: [json.loads(line) for line in open(Path(s.run_dir) / "predictions.jsonl", encoding="utf-8")]
+                   for s in specs}
+    reason = degenerate_cell(cell_metrics, predictions)
+    if reason:
+        log.warning("%s is degenerate: %s", specs[0].cell, reason)
+    return {"acc": round(mean, 2), "lo": clip(lo), "hi": clip(hi), "n": len(accs), "degenerate": bool(reason)}
 
 
-def summarise(accs: dict[int, float], n_test: int | None) -> dict[str, Any]:
-    mean, lo, hi = t_interval(list(accs.values()))
-    return {"seeds": {str(k): v for k, v in accs.items()}, "mean": mean, "ci95": [lo, hi], "n_test": n_test}
+def _parent_runs(specs: list[RunSpec], runs_root: str) -> None:
+    """One MLflow parent run per cell (target x arm), reopened on rerun through a file in the cell."""
+    from medmat import tracking
+
+    by_cell: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        by_cell.setdefault(s.cell, []).append(s)
+    for cell, members in by_cell.items():
+        folder = Path(runs_root) / cell
+        first = members[0]
+        run_id = tracking.read_run_id(folder)
+        if run_id is None:
+            tags = {k: v for k, v in first.tags().items() if k != "medmat.seed"}
+            with tracking.tracked_run(first.params.tracking, run_name=f"{first.target} {first.triplet} · {first.arm}",
+                                      tags={**tags, "medmat.cell": "true"}) as run:
+                run_id = run.info.run_id
+            tracking.write_run_id(folder, run_id)
+        for s in members:
+            s.parent_run_id = run_id
 
 
-def run_cell(*, designs_dir: str, records: str, target: str, arm: str, out: str, metrics: str,
-             params: str = "params.yaml", world: str = "main", manifest: str | None = None) -> dict[str, Any]:
-    """Every seed of one (target, arm); writes and returns the cell's metrics.
+def run_study(*, target: str, world: str = "main", params: str = "params.yaml", records: str | None = None,
+              designs_dir: str | None = None, runs_root: str | None = None,
+              metrics_root: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every unit of `target` on `world` (main | control); writes and returns the compact cell metrics."""
+    study = load_study_params(params)  # first: a params problem stops before anything heavy is imported
+    from medmat.data.records import world_of
+    from medmat.unit import run_units
 
-    `manifest` trains a mixture from elsewhere (the search's best mixture) as arm `arm`."""
-    from medmat.designs import DesignError, load_arm
+    d_records, d_designs, d_runs, d_metrics = WORLDS[world]
+    records, designs_dir = records or d_records, designs_dir or d_designs
+    runs_root, metrics_root = runs_root or d_runs, metrics_root or d_metrics
+    target = norm_target(target)
+    if world == "control" and not study.experiment.control:
+        return _write_cells({}, metrics_root, target, note="experiment.control is false")
+    specs = plan_units(study, target=target, records=records, designs_dir=designs_dir, runs_root=runs_root,
+                       world=world_of(records), data_version=data_version_of(records),
+                       main_world=world == "main")
+    _parent_runs(specs, runs_root)
+    primaries, same_as = identical_units(specs)
+    done = dict(zip(primaries, run_units([specs[i] for i in primaries], study.experiment.workers)))
+    results = [done[i] if i in done else share_result(specs[i], specs[same_as[i]], done[same_as[i]])
+               for i in range(len(specs))]
+    cells: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
+    for spec, metrics in zip(specs, results):
+        cells.setdefault(spec.arm, []).append((spec, metrics))
+    return _write_cells({arm: cell_summary([s for s, _ in sm], [m for _, m in sm]) for arm, sm in cells.items()},
+                        metrics_root, target)
 
-    exp = load_experiment(params)
-    label = norm_target(target)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = {"target": label, "arm": arm, "world": world}
-    if manifest is not None:
-        try:
-            man = {"status": "ok", **json.loads(Path(manifest).read_text(encoding="utf-8"))}
-        except (OSError, ValueError) as exc:
-            man = {"status": "unavailable", "reason": f"{manifest}: cannot read the mixture ({exc})"}
+
+def identical_units(specs: list[RunSpec]) -> tuple[list[int], dict[int, int]]:
+    """Units that would train on the very same records with the same seed (e.g. the Baseline+ arms of
+    a target's combinations: one Unrelated pool, one total) are run once. Returns the indices to run
+    and, for each other unit, the index of the unit whose result it shares."""
+    first: dict[tuple, int] = {}
+    same_as: dict[int, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.manifest is None:
+            continue
+        key = (json.loads(Path(spec.manifest).read_text(encoding="utf-8")).get("sha256"), spec.seed)
+        if key[0] and key in first:
+            same_as[i] = first[key]
         else:
-            # resolve the bare spec once, into the cell folder, so every seed trains the same records
-            from medmat.mixture import resolve_mixture, save_manifest
-            import pandas as pd
-
-            _, resolved = resolve_mixture(pd.read_parquet(records), {"components": man["components"]},
-                                          seed=int(man.get("seed", 0)))
-            man = {**man, **resolved, "status": "ok", "arm": arm, "target": label}
-            save_manifest(out_dir / "manifest.json", man)
-    else:
-        try:
-            man = load_arm(designs_dir, label, arm)
-        except DesignError as exc:
-            man = {"status": "unavailable", "reason": str(exc)}
-    seeds = [int(s) for s in exp.seeds]
-    if arm in SCALEUP or arm == "in_distribution":
-        if label not in {norm_target(t) for t in exp.scaleup_targets}:
-            man = {"status": "skipped", "reason": f"{label} is not in experiment.scaleup_targets"}
-        seeds = [int(s) for s in exp.scaleup_seeds]
-    if arm == "limited":
-        if label not in {norm_target(t) for t in exp.limited_targets}:
-            man = {"status": "skipped", "reason": f"{label} is not in experiment.limited_targets"}
-        seeds = [int(s) for s in exp.scaleup_seeds]
-    if man.get("status") != "ok":
-        result = {**base, "status": man.get("status"), "reason": man.get("reason") or man.get("note", "")}
-        if man.get("alias_of"):
-            result["alias_of"] = man["alias_of"]
-        write_json(metrics, result)
-        write_json(out_dir / "cell.json", result)  # a DVC out is never an empty folder
-        log.info("%s %s: %s (%s)", label, arm, result["status"], result["reason"])
-        return result
-
-    index = json.loads((Path(designs_dir) / "designs.json").read_text())
-    entry = index["targets"][label]
-    target_no = entry["subset_no"]
-    if target_no is None:
-        result = {**base, "status": "unavailable",
-                  "reason": f"{entry['triplet']} names no subset, so it has no test split to score"}
-        write_json(metrics, result)
-        write_json(out_dir / "cell.json", result)
-        return result
-    result = {**base, "status": "ok", "triplet": entry["triplet"], "seeds_run": seeds}
-    if arm == "limited":
-        jobs = []
-        for name, var in man["variants"].items():
-            vdir = out_dir / name
-            write_json(vdir / "manifest.json", {**var, "arm": f"limited_{name}", "target": label})
-            jobs += [dict(records=records, manifest=str(vdir / "manifest.json"), run_dir=vdir / f"seed{s}",
-                          target_no=target_no, target_label=label, arm=f"limited_{name}", seed=s, params=params,
-                          overrides=exp.train_overrides) for s in seeds]
-        done = run_jobs(jobs, exp.workers)
-        variants = {}
-        for name, var in man["variants"].items():
-            ms = {j["seed"]: m for j, m in zip(jobs, done) if j["arm"] == f"limited_{name}"}
-            accs = {s: float(m["accuracy"]) for s, m in ms.items()}
-            variants[name] = {"companion": var["companion"], "k": var["k"],
-                              **summarise(accs, next(iter(ms.values())).get("n"))}
-        result["variants"] = variants
-    else:
-        if manifest is not None:
-            arm_manifest = str(out_dir / "manifest.json")
-        else:
-            arm_manifest = None if arm == "baseline" else str(Path(designs_dir) / label / f"{arm}.json")
-        jobs = [dict(records=records, manifest=arm_manifest, run_dir=out_dir / f"seed{s}", target_no=target_no,
-                     target_label=label, arm=arm, seed=s, params=params, overrides=exp.train_overrides)
-                for s in seeds]
-        done = run_jobs(jobs, exp.workers)
-        accs = {j["seed"]: float(m["accuracy"]) for j, m in zip(jobs, done)}
-        result.update(summarise(accs, done[0].get("n")))
-        result["components"] = {k: v.get("selected") for k, v in man.get("components", {}).items()}
-        result["total"] = man.get("total", 0)
-        for key in ("direction", "members", "dev_accuracy", "study", "trial"):
-            if key in man:
-                result[key] = man[key]
-    write_json(metrics, result)
-    write_json(out_dir / "cell.json", result)
-    return result
+            first.setdefault(key, i)
+    return [i for i in range(len(specs)) if i not in same_as], same_as
 
 
-def control_data(out: str, params: str = "params.yaml") -> int:
-    """The negative control's world: Med-MAT-mini --entangled, ingested, with the same designs.
-
-    One process for synth + ingest + designs (imports paid once). With experiment.control false it
-    writes only a note, and the control cells report "skipped"."""
+def share_result(spec: RunSpec, source: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Give `spec` the result of the identical unit `source`: its own metrics.json (naming its own arm)
+    and a copy of the predictions, so every arm's folder reads the same way."""
     import shutil
 
-    exp = load_experiment(params)
-    root = Path(out)
-    if root.exists():
-        shutil.rmtree(root)  # synth refuses a non-empty folder; this stage owns `out` entirely
-    root.mkdir(parents=True)
-    if not exp.control:
-        write_json(root / "DISABLED.json", {"reason": "experiment.control is false"})
-        return 0
-    steps = [
-        ("medmat.data.synth", ["--out", str(root / "data"), "--entangled", "--params", params]),
-        ("medmat.data.ingest", ["--data", str(root / "data"), "--out", str(root / "records.parquet"),
-                                "--params", params]),
-        ("medmat.designs", ["--records", str(root / "records.parquet"), "--out", str(root / "designs"),
-                            "--params", params]),
-    ]
-    for module, argv in steps:
-        rc = _cli(module, argv)
-        if rc:
-            log.error("control world: %s exited %d", module, rc)
-            return rc
-    return 0
+    run_dir = Path(spec.run_dir)
+    out = {**metrics, "arm": spec.arm, "combination": spec.combination, "candidate": spec.candidate,
+           "same_run_as": source.run_dir}
+    try:
+        if json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")) == out:
+            return out  # shared on an earlier run already
+    except (OSError, ValueError):
+        pass
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(source.run_dir) / "predictions.jsonl", run_dir / "predictions.jsonl")
+    atomic_write_json(run_dir / "metrics.json", out)
+    return out
+
+
+def _write_cells(cells: dict[str, dict[str, Any]], metrics_root: str, target: str, note: str = "") -> dict:
+    """work/metrics/<world>/<target>/<arm>.json per cell; stale files of arms no longer run removed."""
+    folder = Path(metrics_root) / target
+    keep = {folder / f"{arm}.json" for arm in cells}
+    for old in folder.rglob("*.json") if folder.exists() else []:
+        if old not in keep:
+            old.unlink()
+    for arm, summary in cells.items():
+        atomic_write_json(folder / f"{arm}.json", summary)
+    if not cells:
+        atomic_write_json(folder / "none.json", {"n": 0, "note": note})
+    return cells
+
+
+def run_best(*, target: str, params: str = "params.yaml", records: str = "work/records.parquet",
+             designs_dir: str = "work/designs", search_dir: str = "work/search",
+             runs_root: str = "work/runs/search_best", metrics_root: str = "work/metrics/best") -> dict[str, Any]:
+    """The search's best mixture (chosen on the dev split), retrained and tested like any arm.
+
+    Its runs live beside the study's (work/runs/search_best/<target>/...), not inside a study's output
+    folder: DVC outputs may not overlap."""
+    import pandas as pd  # noqa: F401  (records_table reads it)
+
+    from medmat.data.records import world_of
+    from medmat.mixture import resolve_mixture, save_manifest
+    from medmat.unit import records_table, run_units
+
+    study = load_study_params(params)
+    target = norm_target(target)
+    index = _load_index(designs_dir, target)
+    best_file = Path(search_dir) / target / "best_mixture.json"
+    best = json.loads(best_file.read_text(encoding="utf-8"))
+    cell_dir = Path(runs_root) / target / "search_best"
+    table, _ = records_table(records)
+    _, manifest = resolve_mixture(table, {"components": best["components"]}, seed=int(best.get("seed", 0)))
+    manifest_path = cell_dir / "manifest.json"
+    save_manifest(manifest_path, {**best, **manifest, "arm": "search_best", "target": target})
+    tdir = Path(designs_dir) / target
+    specs = [RunSpec(target=target, triplet=index["triplet"], subset_no=int(index["subset_no"]), arm="search_best",
+                     seed=int(s), records=records, run_dir=str(cell_dir / f"seed{int(s)}"), params=study,
+                     manifest=str(manifest_path), dev_manifest=str(tdir / index["dev"]) if index.get("dev") else None,
+                     world=world_of(records), data_version=data_version_of(records), candidate=True)
+             for s in study.experiment.seeds]
+    _parent_runs(specs, runs_root)
+    results = run_units(specs, study.experiment.workers)
+    return _write_cells({"search_best": cell_summary(specs, results)}, metrics_root, target)["search_best"]
 
 
 def use_config(overlay: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> list[str]:
@@ -355,18 +295,16 @@ def use_config(overlay: str | os.PathLike, params: str | os.PathLike = "params.y
 # ---- CLI -----------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("cell", help="train + evaluate every seed of one target x arm")
-    c.add_argument("--designs", required=True, help="designs folder (medmat designs --out)")
-    c.add_argument("--records", required=True, help="records table the designs were made from")
-    c.add_argument("--target", required=True, help="target (subset number or triplet)")
-    c.add_argument("--arm", required=True, help="arm name (see designs.json)")
-    c.add_argument("--out", required=True, help="cell folder: OUT/seed<k>/ run directories")
-    c.add_argument("--metrics", required=True, help="cell metrics JSON (mean and t-interval over seeds)")
-    c.add_argument("--params", default="params.yaml")
-    c.add_argument("--world", default="main", help="label for the report: main or entangled")
-    c.add_argument("--manifest", help="train this mixture (e.g. the search's best_mixture.json) instead of a design")
+    st = sub.add_parser("study", help="train + evaluate every arm x seed of one target")
+    st.add_argument("--target", required=True, help="target subset number (as in experiment.targets)")
+    st.add_argument("--world", choices=sorted(WORLDS), default="main",
+                    help="main (work/records.parquet) or control (the entangled world under work/control)")
+    st.add_argument("--params", default="params.yaml")
+    b = sub.add_parser("best", help="retrain and test the search's best mixture of one target")
+    b.add_argument("--target", required=True)
+    b.add_argument("--params", default="params.yaml")
     d = sub.add_parser("control-data", help="generate + ingest + design the --entangled world")
-    d.add_argument("--out", required=True, help="folder: data/, records.parquet, designs/")
+    d.add_argument("--out", default="work/control", help="folder: data/, records.parquet, designs/")
     d.add_argument("--params", default="params.yaml")
     u = sub.add_parser("use-config", help="switch params.yaml to another configuration (e.g. configs/gpu.yaml)")
     u.add_argument("overlay", help="YAML file of whole params.yaml sections to put in place")
@@ -374,8 +312,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.action == "control-data":
-        return control_data(args.out, args.params)
     if args.action == "use-config":
         try:
             names = use_config(args.overlay, args.params)
@@ -385,15 +321,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.params}: sections {', '.join(names)} now from {args.overlay} (old file: {args.params}.bak)")
         return 0
     try:
-        result = run_cell(designs_dir=args.designs, records=args.records, target=args.target, arm=args.arm,
-                          out=args.out, metrics=args.metrics, params=args.params, world=args.world,
-                          manifest=args.manifest)
-    except (ConfigError, RuntimeError, FileNotFoundError, KeyError) as exc:
-        log.error("cell %s/%s failed: %s", args.target, args.arm, exc)
-        return 1
-    if result.get("status") == "ok" and "mean" in result:
-        print(f"{result['target']} {result['arm']} ({args.world}): mean accuracy {result['mean']:.3f} "
-              f"95% CI [{result['ci95'][0]:.3f}, {result['ci95'][1]:.3f}] over seeds {result['seeds_run']}")
+        if args.action == "control-data":
+            from medmat.control import control_data
+
+            return control_data(args.out, args.params)
+        if args.action == "best":
+            cell = run_best(target=args.target, params=args.params)
+            print(f"{norm_target(args.target)} search_best: {cell['acc']:.1f}% [{cell['lo']}, {cell['hi']}] "
+                  f"over {cell['n']} seeds")
+            return 0
+        cells = run_study(target=args.target, world=args.world, params=args.params)
+    except (ConfigError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    for arm, c in sorted(cells.items()):
+        flag = "  DEGENERATE" if c["degenerate"] else ""
+        print(f"{norm_target(args.target)} {arm} ({args.world}): {c['acc']:.1f}% [{c['lo']}, {c['hi']}] "
+              f"n={c['n']}{flag}")
     return 0
 
 

@@ -239,6 +239,8 @@ def train_model(
     data_root: str | os.PathLike | None = None,
     manifest: dict | None = None,
     params: dict | None = None,
+    parent_run_id: str | None = None,
+    log_model: bool = True,
 ) -> TrainResult:
     """Train a backend on `train_df` (records-table rows).
 
@@ -246,7 +248,8 @@ def train_model(
       optuna.TrialPruned) stops training and propagates (the MLflow run records how it ended).
     - `out_dir`: checkpoints, the final model (`model/`), `train_metrics.json`, `mlflow_run_id`;
       a complete checkpoint there is resumed from. None: nothing is written (quick in-memory runs).
-    - `tracking`: a medmat.tracking.TrackingConfig to log to MLflow, or None.
+    - `tracking`: a medmat.tracking.TrackingConfig to log to MLflow, or None; `parent_run_id` nests
+      the run under a cell's run; `log_model` logs the final model (only where the registry can use it).
     """
     import torch
     from accelerate import Accelerator
@@ -259,7 +262,15 @@ def train_model(
         logging.getLogger(name).setLevel(logging.WARNING)
     # The scheduler steps once per optimiser step whatever the process count (accelerate's default
     # steps it num_processes times), so one and two processes follow the same schedule.
-    accel = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
+    # Mixed precision is the model's to decide (fp32 master weights + bf16 autocast on a GPU, see
+    # medmat.models.hf.resolve_mixed_precision); it overrides `accelerate launch --mixed_precision`.
+    precision = "no"
+    if model_cfg.backend == "hf":
+        from medmat.models.hf import mixed_precision_of
+
+        precision = mixed_precision_of(model_cfg.hf)
+    accel = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available(),
+                        mixed_precision=precision)
     main = accel.is_main_process
     if accel.device.type == "cpu":
         threads = train_cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, accel.num_processes))
@@ -329,7 +340,7 @@ def train_model(
         all_params = {"train": train_cfg, "model": model_cfg, "n_train": len(train_rows),
                       "num_processes": accel.num_processes, **(params or {})}
         run_ctx = trk.tracked_run(tracking, run_name=run_name or (out.name if out else None), tags=tags,
-                                  params=all_params, run_id=run_id)
+                                  params=all_params, run_id=run_id, parent_run_id=None if run_id else parent_run_id)
     else:
         run_ctx = contextlib.nullcontext(None)
 
@@ -448,7 +459,8 @@ def train_model(
             write_json_atomic(out / "train_metrics.json", result.metrics())
             if tracker is not None:
                 tracker.log_metrics({"train_samples_per_s": result.samples_per_s, "train_wall_s": wall})
-                tracker.log_model(out / "model")
+                if log_model:
+                    tracker.log_model(out / "model")
         accel.wait_for_everyone()
     return result
 

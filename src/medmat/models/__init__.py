@@ -110,3 +110,22 @@ def load(model_dir: str | os.PathLike, data_root: str | os.PathLike | None = Non
         return loader(model_dir, data_root=data_root)
     cls = module.HFBackend
     return cls.load(model_dir, data_root=data_root) if hasattr(cls, "load") else cls.from_pretrained(model_dir)
+
+
+def build_untrained(model_cfg: ModelConfig | dict, records, seed: int,
+                    data_root: str | os.PathLike | None = None) -> Backend:
+    """The paper's Baseline: the model of the same architecture, prepared as training would prepare it
+    (the tiny backend's text encoder sees the training records' words) and then not trained."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    backend = build(model_cfg, data_root)
+    if hasattr(backend, "prepare_training"):
+        train = records[records["split"] == "train"]
+        backend.prepare_training(train if len(train) else records)
+    return backend

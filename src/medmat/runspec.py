@@ -1,0 +1,174 @@
+"""One run spec, built once from params.yaml, carried through train -> evaluate -> track -> register.
+
+A *unit* of the study is one (world, target, arm, seed): train the arm's mixture (unless it is the
+untrained Baseline), evaluate on the target's test split (and its dev split, which model selection
+reads), and log both to MLflow. Everything a unit needs is in its `RunSpec`; nothing downstream
+re-reads params.yaml or parses command lines.
+
+    study = load_study_params("params.yaml")        # every section typed; unknown keys are errors
+    spec = RunSpec(target="03", arm="fixed_area-04-28/related", seed=0, ..., params=study)
+    medmat.unit.run_unit(spec)                      # -> metrics.json in spec.run_dir
+
+`experiment.train_overrides` is validated like `train:` itself: a misspelled override stops the run
+with a message naming it, instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from medmat.config import ConfigError, from_dict, load_params
+
+# Arms that train on the target's own records (never registry candidates, never "CG").
+TARGET_DATA_ARMS = ("in_distribution", "limited", "scaleup/all_data")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """params.yaml `experiment:` section: what runs (`designs:` says with which data)."""
+
+    targets: list = dataclasses.field(default_factory=lambda: ["03", "28", "06"])
+    # Which Table-3 combinations of each target run: "paper" (the paper's rows for these targets),
+    # "all" (every valid combination) or a list of combination ids (`medmat designs --list`).
+    combinations: Any = "paper"
+    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    # Scale-up (Figure 4), in-distribution and limited-data arms run for these targets only, with
+    # their own seeds (fewer keeps `make demo` in budget).
+    scaleup_targets: list = dataclasses.field(default_factory=lambda: ["03", "28"])
+    scaleup_seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    limited_targets: list = dataclasses.field(default_factory=lambda: ["03"])
+    control: bool = True  # the same Table-3 arms on the --entangled world (negative control)
+    # `train:` keys overridden for every unit; validated as `train:` keys (a typo is an error).
+    train_overrides: dict = dataclasses.field(default_factory=dict)
+    workers: int = 2  # units trained in parallel processes (1 torch thread each)
+    executor: str = "local"  # local: a process pool on this machine
+
+    def __post_init__(self):
+        if not (self.combinations in ("paper", "all") or isinstance(self.combinations, list)):
+            raise ValueError(f"combinations must be 'paper', 'all' or a list of ids, got {self.combinations!r}")
+        if self.executor not in ("local",):
+            raise ValueError(f"executor must be 'local', got {self.executor!r}")
+        if int(self.workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+@dataclasses.dataclass
+class StudyParams:
+    """The typed sections a unit reads, built once (train overrides applied and validated)."""
+
+    experiment: ExperimentConfig
+    train: Any  # medmat.train.TrainConfig
+    model: Any  # medmat.models.ModelConfig
+    evaluate: Any  # medmat.evaluate.EvalConfig
+    tracking: Any  # medmat.tracking.TrackingConfig
+    base_seed: int = 0
+
+
+def load_study_params(path: str | os.PathLike = "params.yaml") -> StudyParams:
+    """Every section a unit needs, typed; unknown keys (overrides included) raise ConfigError."""
+    from medmat.evaluate import EvalConfig
+    from medmat.models import ModelConfig
+    from medmat.tracking import TrackingConfig
+    from medmat.train import TrainConfig
+
+    params = load_params(path)
+
+    def section(cls, name: str, values: Any = None):
+        return from_dict(cls, params.get(name) if values is None else values, where=f"{path}: section '{name}'")
+
+    experiment = section(ExperimentConfig, "experiment")
+    train_values = dict(params.get("train") or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(experiment.train_overrides) - known)
+    if unknown:
+        raise ConfigError(f"{path}: experiment.train_overrides: unknown key(s) {unknown}; "
+                          f"known train: keys: {sorted(known)}")
+    train_values.update(experiment.train_overrides)
+    return StudyParams(
+        experiment=experiment,
+        train=from_dict(TrainConfig, train_values, where=f"{path}: section 'train' (+ experiment.train_overrides)"),
+        model=section(ModelConfig, "model"),
+        evaluate=section(EvalConfig, "evaluate"),
+        tracking=section(TrackingConfig, "tracking"),
+        base_seed=int((params.get("base") or {}).get("seed", 0)),
+    )
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """Everything one unit needs. Paths are relative to the working directory (the repository)."""
+
+    target: str  # "03"
+    triplet: str  # "CT-Lung-COVID"
+    subset_no: int
+    arm: str  # arm path: baseline | <combination>/related | <combination>/baseline_plus | scaleup/<arm> ...
+    seed: int
+    records: str  # records table
+    run_dir: str
+    params: StudyParams
+    manifest: str | None = None  # training mixture; None = the untrained Baseline
+    dev_manifest: str | None = None  # the target's dev split (model selection reads it, never test)
+    combination: str | None = None
+    world: str = "mini"  # data world: mini | mini-entangled | medmat (real release)
+    data_version: str = "untracked"
+    candidate: bool = False  # may become the registry's champion (Related combinations, search best)
+    parent_run_id: str | None = None  # MLflow run of the cell (target x arm) this seed is nested under
+
+    @property
+    def trained_on_target(self) -> bool:
+        return any(self.arm == a or self.arm.startswith(a + "/") for a in TARGET_DATA_ARMS)
+
+    @property
+    def cell(self) -> str:
+        """The (target, arm) this seed belongs to: its MLflow parent run and DVC metrics file."""
+        return f"{self.target}/{self.arm}"
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags, from the spec (so they are right for every world)."""
+        return {
+            "medmat.target": self.triplet, "medmat.target_no": self.target, "medmat.arm": self.arm,
+            "medmat.combination": self.combination or "", "medmat.world": self.world,
+            "medmat.data_version": self.data_version, "medmat.backend": self.params.model.backend,
+            "medmat.seed": str(self.seed), "medmat.candidate": str(self.candidate).lower(),
+        }
+
+    def run_name(self) -> str:
+        return f"{self.target} {self.triplet} · {self.arm} · seed {self.seed}"
+
+    def fingerprint(self) -> str:
+        """What decides a unit's result: a finished unit with the same fingerprint is not rerun."""
+        manifest_hash = _file_sha256(self.manifest) if self.manifest else "untrained"
+        dev_hash = _file_sha256(self.dev_manifest) if self.dev_manifest else ""
+        payload = {
+            "arm": self.arm, "seed": self.seed, "target": self.target, "world": self.world,
+            "manifest": manifest_hash, "dev": dev_hash, "records": _file_sha256(self.records),
+            "train": dataclasses.asdict(self.params.train) if self.manifest else None,
+            "model": dataclasses.asdict(self.params.model), "evaluate": dataclasses.asdict(self.params.evaluate),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) within the process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
