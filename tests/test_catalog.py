@@ -143,3 +143,18 @@ def test_catalog_cli_views(capsys):
     assert "CT-Lung-COVID" in capsys.readouterr().out
     assert main(["catalog", "--dataset", "500"]) == 2
     assert "unknown dataset number 500" in capsys.readouterr().out
+
+
+def test_published_task_faults_are_reported_not_fixed(cat, capsys):
+    faults = {f.kind: f for f in cat.check() if f.kind in ("task_conflict", "task_text_copied")}
+    assert faults["task_conflict"].datasets == (54,) and faults["task_conflict"].subsets == (28,)
+    assert "Tuberculosis" in faults["task_conflict"].message and "COVID" in faults["task_conflict"].message
+    assert faults["task_text_copied"].datasets == (94, 103)
+    # Reported, never fixed: the tables still say what the release says.
+    assert cat.dataset(54).subset_no == 28 and cat.dataset(54).task == "COVID"
+    assert cat.dataset(103).raw_task == cat.dataset(94).raw_task == "Surgical Instrument Segmentation"
+    # Generic shared task texts ("Multi Classification") are not flagged as copies.
+    assert sum(f.kind == "task_text_copied" for f in cat.check()) == 1
+    assert main(["catalog", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset 54 (Shenzhen Chest X-Ray Set)" in out and "dataset 103" in out
