@@ -20,7 +20,8 @@ from PIL import Image
 from torch import nn
 
 from medmat import models
-from medmat.evaluate import EvalConfig, evaluate_backend, summarise, wilson_ci
+from medmat.scoring import EvalConfig, evaluate_backend, summarise
+from medmat.stats import wilson_ci
 
 COLOURS = {"Cyst": (220, 40, 40), "Stone": (40, 40, 220), "Normal": (40, 200, 40), "COVID-19": (230, 230, 40)}
 SUBSETS = {4: ["Cyst", "Stone", "Normal"], 28: ["COVID-19", "Normal"]}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medmat.evaluate import parse_letter
+from medmat.scoring import parse_letter
 
 KIDNEY = ["Stone", "Cyst", "Normal", "Tumor"]
 LUNG = ["COVID-19", "Normal", "Viral Pneumonia", "Bacterial Pneumonia"]

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import requests
 
-from medmat import tracking
-from medmat.evaluate import evaluate_backend
+from medmat import served_model, tracking
+from medmat.scoring import evaluate_backend
 from conftest import free_port, local_server
 from test_evaluate import make_world, train_tiny
 
@@ -57,11 +57,13 @@ def test_run_metrics_and_model_found_through_rest_api(server, tmp_path, monkeypa
         tracking.log_metrics(result.mlflow_metrics("test"))
         tracking.log_mixture({"components": {"04": {"requested": 36, "selected": 36, "sha256": "d" * 64}},
                               "seed": 0, "total": 36, "sha256": "e" * 64}, "untracked")
-        model_uri = tracking.log_model(tmp_path / "model")
+        model_uri = served_model.log_model(tmp_path / "model")
     run_id = run.info.run_id
 
     # --- REST: experiment, run search by tag, metrics, params, input, artifacts, logged model
     exp = api(server, "GET", "experiments/get-by-name", params={"experiment_name": "server-test"})["experiment"]
+    # the UI opens it as a model-training experiment, not in its GenAI (traces) view
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     found = api(server, "POST", "runs/search", json={
         "experiment_ids": [exp["experiment_id"]],
         "filter": "tags.`medmat.arm` = 'related' and metrics.test_accuracy > 0.5",
@@ -105,3 +107,23 @@ def test_failed_run_is_failed_with_reason_on_the_server(server, monkeypatch):
     assert got["info"]["status"] == "FAILED"
     assert {t["key"]: t["value"] for t in got["data"]["tags"]}["failure_reason"] == \
         "FloatingPointError: loss is NaN at step 12"
+
+
+def test_cell_parent_run_groups_its_seed_runs_on_the_server(server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    cfg = tracking.TrackingConfig(experiment="server-cells")
+    name = "03 CT-Lung-COVID · fixed_area-04-28/related"
+    parent = tracking.parent_run(cfg, name, key="mini/03/fixed_area-04-28/related", tags={"medmat.arm": "related"})
+    for seed in (0, 1):
+        with tracking.tracked_run(cfg, run_name=f"{name} · seed {seed}", parent_run_id=parent):
+            tracking.log_metrics({"test_accuracy": 0.5 + seed / 10})
+    # a rerun (another process, same cell) finds the same parent
+    assert tracking.parent_run(cfg, name, key="mini/03/fixed_area-04-28/related") == parent
+    tracking.log_metrics({"cell_accuracy_mean": 0.55}, run_id=parent, cfg=cfg)
+    exp = api(server, "GET", "experiments/get-by-name", params={"experiment_name": "server-cells"})["experiment"]
+    children = api(server, "POST", "runs/search", json={
+        "experiment_ids": [exp["experiment_id"]], "filter": f"tags.`mlflow.parentRunId` = '{parent}'"})["runs"]
+    assert sorted(r["info"]["run_name"] for r in children) == [f"{name} · seed 0", f"{name} · seed 1"]
+    got = api(server, "GET", "runs/get", params={"run_id": parent})["run"]
+    assert got["info"]["run_name"] == name and got["info"]["status"] == "FINISHED"
+    assert {m["key"]: m["value"] for m in got["data"]["metrics"]} == {"cell_accuracy_mean": 0.55}

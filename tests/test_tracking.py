@@ -1,6 +1,6 @@
-"""medmat.tracking against a real MLflow sqlite store: run lifecycle (FINISHED / FAILED with reason /
-KILLED), resume by run id, nested runs, tags, the mixture as a dataset input, and the pyfunc model
-answering a question about an image."""
+"""medmat.tracking and medmat.served_model against a real MLflow sqlite store: run lifecycle (FINISHED /
+FAILED with reason / KILLED), resume by run id, nested runs and cell parent runs, tags, the experiment's
+kind, the mixture as a dataset input, and the pyfunc model answering a question about an image."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import base64
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from medmat import tracking
+from medmat import served_model, tracking
 from test_evaluate import make_world, train_tiny  # the coloured-shapes world and its tiny VLM
 
 
@@ -44,6 +45,18 @@ def test_setup_creates_store_and_experiment_with_local_artifacts(store):
     exp = client(store).get_experiment_by_name("test-tracking")
     assert exp.artifact_location == (Path(store.artifact_root).resolve() / "test-tracking").as_uri()
     assert tracking.setup(store) == exp.experiment_id  # idempotent
+    # the MLflow UI opens it as a model-training experiment, not in its GenAI (traces) view
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_setup_marks_an_existing_experiment_as_model_training(store):
+    # made by an older medmat, or by hand, or tagged by the UI's own guess
+    exp_id = client(store).create_experiment("made-elsewhere", tags={"mlflow.experimentKind": "genai_development"})
+    other = tracking.TrackingConfig(tracking_uri=store.tracking_uri, artifact_root=store.artifact_root,
+                                    experiment="made-elsewhere")
+    assert tracking.setup(other) == exp_id
+    assert client(store).get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    tracking.setup(store)
 
 
 def test_env_uri_overrides_params(store, tmp_path, monkeypatch):
@@ -145,6 +158,33 @@ def test_nested_runs_under_active_or_named_parent(store):
     assert client(store).get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+def test_parent_run_is_created_once_and_found_again_by_key(store):
+    name = "03 CT-Lung-COVID · fixed_area-04-28/related"
+    parent = tracking.parent_run(store, name, key="mini/03/fixed_area-04-28/related",
+                                 tags={"medmat.arm": "fixed_area-04-28/related"})
+    assert tracking.parent_run(store, "renamed", key="mini/03/fixed_area-04-28/related") == parent
+    other = tracking.parent_run(store, name, key="mini/03/fixed_area-04-28/baseline_plus")
+    assert other != parent
+    with tracking.tracked_run(store, run_name=f"{name} · seed 0", parent_run_id=parent) as seed0:
+        tracking.log_metrics({"test_accuracy": 0.75})
+    tracking.log_metrics({"cell_accuracy": 0.75, "nan": float("nan")}, run_id=parent, cfg=store)  # not reopened
+    got = client(store).get_run(parent)
+    assert got.info.run_name == name and got.info.status == "FINISHED"
+    assert got.data.tags["medmat.arm"] == "fixed_area-04-28/related" and got.data.metrics == {"cell_accuracy": 0.75}
+    assert client(store).get_run(seed0.info.run_id).data.tags["mlflow.parentRunId"] == parent
+    client(store).delete_run(parent)  # a deleted parent is not reused
+    assert tracking.parent_run(store, name, key="mini/03/fixed_area-04-28/related") != parent
+    with pytest.raises(ValueError, match="quotes"):
+        tracking.parent_run(store, name, key="it's")
+
+
+def test_importing_tracking_imports_no_mlflow():
+    # A process that only reads run ids (a no-op pipeline pass) must not pay MLflow's import (seconds).
+    code = "import sys, medmat.tracking, medmat.names; print(sorted(m for m in sys.modules if m.startswith('mlflow')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_data_version_and_git_commit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert tracking.data_version() == "untracked"
@@ -192,22 +232,28 @@ def test_logged_pyfunc_model_answers_a_question_about_an_image(store, tmp_path):
     backend = train_tiny(root, df)
     backend.save(tmp_path / "model")
     with tracking.tracked_run(store, run_name="model") as run:
-        uri = tracking.log_model(tmp_path / "model")
+        uri = served_model.log_model(tmp_path / "model", input_example=True)  # MLflow predicts on it
     assert uri.startswith("models:/")
     model = mlflow.pyfunc.load_model(uri)
+    assert model.metadata.saved_input_example_info is not None
     assert model.metadata.run_id == run.info.run_id
     test = df[df.split == "test"]
     # as file paths
     answers = model.predict(test[["image_path", "question_choice"]].rename(columns={"image_path": "image"}))
     acc = sum(a == b for a, b in zip(answers, test.answer_letter)) / len(test)
     assert acc >= 0.9
-    # as base64 PNG bytes, a hand-typed prompt without the instruction line
+    # as base64 PNG bytes, with a prompt written by hand in the Med-MAT format
     row = test[test.answer_text == "Cyst"].iloc[0]
     png = base64.b64encode(Path(row.image_path).read_bytes()).decode()
     options = list(row.options)
-    prompt = "What does this image show?\n" + "\n".join(f"{'ABC'[i]}. {o}" for i, o in enumerate(options))
+    prompt = ("What does this image show?\n" + "\n".join(f"{'ABC'[i]}: {o}" for i, o in enumerate(options))
+              + "\nAnswer with the option's letter from the given choices directly.")
     (letter,) = model.predict(pd.DataFrame({"image": [png], "question_choice": [prompt]}))
     assert options["ABC".index(letter)] == "Cyst"
+    # another prompt format is not what the model was trained on: an error naming the row
+    loose = "What does this image show?\n" + "\n".join(f"{'ABC'[i]}. {o}" for i, o in enumerate(options))
+    with pytest.raises(Exception, match="row 1: question_choice is not a Med-MAT Question-choice prompt"):
+        model.predict(pd.DataFrame({"image": [png, png], "question_choice": [prompt, loose]}))
     # the generate scorer through params
     (letter2,) = model.predict(pd.DataFrame({"image": [png], "question_choice": [prompt]}),
                                params={"scorer": "generate"})
@@ -219,4 +265,4 @@ def test_logged_pyfunc_model_answers_a_question_about_an_image(store, tmp_path):
 def test_log_model_needs_a_saved_dir(store, tmp_path):
     with tracking.tracked_run(store, run_name="nomodel"):
         with pytest.raises(FileNotFoundError, match="model directory not found"):
-            tracking.log_model(tmp_path / "absent")
+            served_model.log_model(tmp_path / "absent")

@@ -7,9 +7,11 @@ then os.replace (atomic on POSIX within one file system).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,20 @@ def atomic_write_json(path: str | os.PathLike, data: Any, **dump_kwargs: Any) ->
     """Write `data` as JSON (with a final newline) atomically; `dump_kwargs` go to json.dumps."""
     dump_kwargs.setdefault("indent", 1)
     return atomic_write_text(path, json.dumps(data, **dump_kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the with-block: processes that must not
+    do one thing at the same time (create one MLflow store or experiment, ask one Optuna study) queue
+    here. fcntl.flock: released by the OS if the holder dies."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
