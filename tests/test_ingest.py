@@ -13,9 +13,8 @@ from PIL import Image
 
 from medmat.cli import main
 from medmat.data.images import sha256_file
-from medmat.data.ingest import (
-    COLUMNS, DATA_ROOT_KEY, IngestParams, ingest, ingest_to_parquet, load_records_table, read_problems,
-)
+from medmat.data.ingest import IngestParams, ingest, ingest_to_parquet, load_records_table, read_problems
+from medmat.data.records import COLUMNS, DATA_ROOT_KEY, read_records
 from medmat.data.medmat_format import make_record, write_records
 from conftest import write_jpeg
 
@@ -57,8 +56,9 @@ def test_sample_record_ingests(sample_world, sample_record, tmp_path, capsys):
     out = tmp_path / "work" / "records.parquet"
     assert main(["ingest", "--data", str(sample_world), "--out", str(out), *_no_params(tmp_path)]) == 0
     assert "ingest: 1 records" in capsys.readouterr().out
-    df = load_records_table(out)
-    assert list(df.columns) == [c for c, _ in COLUMNS]
+    df = read_records(out)
+    assert list(df.columns) == [c for c, _ in COLUMNS] + ["image_path"]
+    assert "image_path" not in pq.read_schema(out).names      # no absolute path in the file
     assert len(df) == 1
     row = df.iloc[0]
     assert (row.modality, row.area, row.task) == ("CT", "Kidney", "Kidney Diseases")
@@ -74,9 +74,9 @@ def test_sample_record_ingests(sample_world, sample_record, tmp_path, capsys):
     assert row.image_sha256 == sha256_file(row.image_path)
     assert row.split == "train"  # a single record cannot give a test split
     assert df.attrs["data_root"] == str(sample_world.resolve())
-    assert pq.read_schema(out).metadata[DATA_ROOT_KEY].decode() == str(sample_world.resolve())
-    problems_file = out.with_name("records.problems.json")
-    assert read_problems(problems_file) == []
+    assert pq.read_schema(out).metadata[DATA_ROOT_KEY].decode() == "../data"   # relative to the table
+    assert read_problems(out) == []
+    assert not out.with_name("records.problems.json").exists()   # the problems live in the table
 
 
 def test_record_ids_are_stable(sample_world, tmp_path):
@@ -107,8 +107,8 @@ def _bad_world(root: Path, sample_record: dict) -> None:
 
 EXPECTED_BAD = {
     # (check, file, record_id, index)
-    ("json", "Original_Medical_Datasets/ori--03-train.json", None, None),
-    ("encoding", "Original_Medical_Datasets/ori--04-train.json", None, None),
+    ("truncated", "Original_Medical_Datasets/ori--03-train.json", 1, 0),
+    ("encoding", "Original_Medical_Datasets/ori--04-train.json", 1, 0),
     ("file_structure", "Original_Medical_Datasets/ori--06-train.json", None, None),
     ("missing_field", "Original_Medical_Datasets/ori--05-train.json", 11, 1),
     ("wrong_type", "Original_Medical_Datasets/ori--05-train.json", 12, 2),
@@ -131,21 +131,20 @@ def test_bad_input_becomes_problem_entries(tmp_path, sample_record, capsys):
     problems = read_problems(problems_path)
     critical = {(p["check"], p["file"], p["record_id"], p["index"]) for p in problems if p["severity"] == "critical"}
     assert critical == EXPECTED_BAD
+    assert read_problems(out) == problems            # the export is the table's own copy
     for p in problems:
         assert p["message"] and p["file"]
-        if p["check"] in ("unknown_data_no", "path_escape"):
-            assert p["table_record_id"] == f"ori05-train-{p['record_id']}"
     by_check = {p["check"]: p["message"] for p in problems}
     assert "777" in by_check["unknown_data_no"]
     assert "'image'" in by_check["missing_field"] and "'image'" in by_check["wrong_type"]
-    assert "line 1" in by_check["json"]
+    assert "truncated" in by_check["truncated"]
     # Good records of every file still reach the table: the sample (ori--02) and the good one of ori--05.
     df = load_records_table(out)
     assert sorted(df["record_id"]) == ["ori02-train-1", "ori05-train-10"]
     assert df.set_index("record_id").loc["ori05-train-10", "modality"] == "CT"
     # Record 10 of ori--05 says data-no 5: right file. The summary says what happened.
     summary = json.loads(problems_path.read_text())["summary"]
-    assert summary["records"] == 2 and summary["records_rejected"] == 7 and summary["files_failed"] == 3
+    assert summary["records"] == 2 and summary["records_rejected"] == 9 and summary["files_failed"] == 1
     assert "problems: 10 critical" in capsys.readouterr().out
 
 
@@ -155,13 +154,12 @@ def test_nothing_readable_exits_nonzero(tmp_path):
     (root / "Original_Medical_Datasets" / "ori--02-train.json").write_text("[", encoding="utf-8")
     out = tmp_path / "records.parquet"
     assert main(["ingest", "--data", str(root), "--out", str(out), *_no_params(tmp_path)]) == 1
-    assert not out.exists()
-    problems = read_problems(tmp_path / "records.problems.json")
-    assert [p["check"] for p in problems] == ["json"]
+    assert pq.read_metadata(out).num_rows == 0        # an empty table, with the problems that explain it
+    assert [p["check"] for p in read_problems(out)] == ["truncated"]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["ingest", "--data", str(empty), "--out", str(out), *_no_params(tmp_path)]) == 1
-    assert read_problems(tmp_path / "records.problems.json")[0]["check"] == "no_files"
+    assert read_problems(out)[0]["check"] == "no_files"
     assert main(["ingest", "--data", str(tmp_path / "nowhere"), "--out", str(out), *_no_params(tmp_path)]) == 1
 
 
@@ -192,7 +190,7 @@ def test_subset_files_counted_once(tmp_path):
     assert summary.duplicates_skipped == 6
     assert len(df) == 10 and df["record_id"].is_unique
     assert (df["dataset_no"] == 3).sum() == 6 and df[df.dataset_no == 3].record_id.str.startswith("ori03-").all()
-    assert df[df.dataset_no == 4].record_id.str.startswith("sub03-").all()  # only the subset file has them
+    assert df[df.dataset_no == 4].record_id.str.startswith("sub03-d04-").all()  # only the subset file has them
     assert not [p for p in problems if p["severity"] == "critical"]
 
     df2, _, summary2 = ingest(root, IngestParams(read="subsets"))
@@ -212,7 +210,7 @@ def test_derived_split_only_without_test_file(tmp_path):
     assert not set(d2[d2.split == "test"].image) & set(d2[d2.split == "train"].image)
     d5 = df[df.dataset_no == 5]
     assert (d5.split == d5.source_file.str.extract(r"-(train|test)\.json")[0]).all()
-    assert summary.derived_split_files == 1
+    assert summary.derived_split_groups == 1
     again, _, _ = ingest(root)
     assert again.split.tolist() == df.split.tolist()
 
@@ -233,8 +231,9 @@ def test_file_in_wrong_place_is_a_warning(tmp_path, sample_record):
     _write(root, "Original_Medical_Datasets/ori--07-train.json", [sample_record])  # data-no 2 in file 07
     df, problems, _ = ingest(root)
     assert len(df) == 1 and df.dataset_no.iloc[0] == 2
-    assert [(p["check"], p["severity"], p["record_id"], p["table_record_id"]) for p in problems] == [
-        ("data_no_mismatch", "warning", 1, "ori07-train-1")]
+    assert [(p["check"], p["severity"], p["file"]) for p in problems] == [
+        ("data_no_mismatch", "warning", "Original_Medical_Datasets/ori--07-train.json")]
+    assert "1 record(s) of dataset 2" in problems[0]["message"]
     assert df.record_id.iloc[0] == "ori07-train-1"
 
 
@@ -272,7 +271,7 @@ def test_derived_split_consistent_across_datasets_of_a_subset(tmp_path):
     _write(root, "Original_Medical_Datasets/ori--71-train.json", recs71)
     _write(root, "Original_Medical_Datasets/ori--72-train.json", recs72)
     df, _, summary = ingest(root)
-    assert summary.derived_split_files == 2 and (df.split == "test").sum() > 0
+    assert summary.derived_split_groups == 1 and (df.split == "test").sum() > 0   # one subset (8)
     train = set(df[df.split == "train"].image_sha256)
     test = set(df[df.split == "test"].image_sha256)
     assert not train & test

@@ -63,9 +63,10 @@ def test_find_files_case_insensitive(tmp_path):
                 "AGGREGATED_SUBSETS/Subset--03-dev.json", "ori--05-train.json"]:
         (tmp_path / rel).write_text("[]")
     found = [(f.kind, f.number, f.split, f.rel) for f in find_files(tmp_path)]
-    assert found == [
+    assert found == [  # matched by name anywhere under the root, not by folder
         ("dataset", 2, "train", "original_medical_datasets/ORI--02-Train.json"),
         ("dataset", 2, "test", "original_medical_datasets/ori--2-test.json"),
+        ("dataset", 5, "train", "ori--05-train.json"),
         ("subset", 3, "train", "AGGREGATED_SUBSETS/subset--03-TRAIN.json"),
     ]
     assert find_files(tmp_path, kinds=("subset",))[0].prefix == "sub"
@@ -101,9 +102,13 @@ def test_format_rejects_bad_options():
 
 
 @pytest.mark.parametrize("content, check", [
-    (b"[{\"id\": 1,", "json"),
+    (b"[{\"id\": 1,", "truncated"),
     (b"[\"caf\xe9\"]", "encoding"),
     (b"{\"id\": 1}", "file_structure"),
+    (b"[{\"id\": 1, \"id\": 2}]", "duplicate_key"),
+    (b"[" + b"[" * 5000 + b"]" * 5000 + b"]", "too_deep"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n", "lfs_pointer"),
+    (b"", "json"),
 ])
 def test_read_records_errors_name_the_file(tmp_path, content, check):
     path = tmp_path / "ori--07-train.json"
@@ -171,3 +176,51 @@ def test_derived_split_follows_forced_images():
 def test_records_without_image_keys_are_separate_groups():
     split = derive_split(["a"] * 40, [("",)] * 40, seed=0)
     assert Counter(split) == {"train": 36, "test": 4}
+
+
+# ---- reading files that fight back (medmat.data.json_records) ---------------------------------------
+def _rec(i: int, **extra) -> str:
+    body = {"id": i, "caption": "Cyst", "image": f"med-mat/x/{i}.png", "Answer": "Cyst", **extra}
+    return json.dumps(body)
+
+
+def test_good_records_survive_bad_neighbours(tmp_path):
+    from medmat.data.json_records import BadRecord, load_records
+
+    deep = "[" * 3000 + "]" * 3000
+    dup = '{"id": 3, "caption": "a", "caption": "b"}'
+    spaced_dup = '{"id": 4, "image" : "x", "image":"y"}'       # whitespace before a colon: exact path
+    text = "[\n" + ",\n".join([_rec(1), deep, dup, spaced_dup, '{"id": 5, "caption": }', _rec(6),
+                               '{"id": 7, "image": "cut']) + "\n"
+    path = tmp_path / "ori--02-train.json"
+    path.write_text(text, encoding="utf-8")
+    out = load_records(path, "ori--02-train.json")
+    assert [r["id"] for r in out if isinstance(r, dict)] == [1, 6]
+    bad = {i: (r.check, r.record_id) for i, r in enumerate(out) if isinstance(r, BadRecord)}
+    assert bad == {1: ("too_deep", None), 2: ("duplicate_key", 3), 3: ("duplicate_key", 4), 4: ("json", 5),
+                   6: ("truncated", 7)}
+    assert "'caption'" in out[2].message and "line 6" in out[4].message
+
+
+def test_fast_path_is_exact_about_duplicates(tmp_path):
+    from medmat.data.json_records import BadRecord, load_records
+
+    path = tmp_path / "f.json"
+    # A key given twice where a string value also holds '":' - the counts must not cancel out.
+    path.write_text(json.dumps([{"id": 1, "caption": 'say "a": b'}])[:-1] + ', {"id": 2, "id": 3}]')
+    out = load_records(path)
+    assert isinstance(out[0], dict) and isinstance(out[1], BadRecord) and out[1].check == "duplicate_key"
+    path.write_text(json.dumps([{"id": 1, "nested": {"a": 1}}, {"id": 2}]))
+    assert load_records(path) == [{"id": 1, "nested": {"a": 1}}, {"id": 2}]
+
+
+def test_fifo_is_never_opened(tmp_path):
+    import os
+
+    from medmat.data.json_records import load_records
+
+    fifo = tmp_path / "ori--02-train.json"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError) as err:   # would block forever if it were opened
+        load_records(fifo)
+    assert err.value.check == "not_a_file"

@@ -1,10 +1,15 @@
 """The public Med-MAT on-disk format: find, read and write its JSON files; derive missing test splits.
 
-Layout under a data root (directory and file names matched case-insensitively):
+Layout under a data root, as published (the release has only `-train.json` files; test splits are
+derived by ingest):
 
-    Original_Medical_Datasets/ori--NN-{train,test}.json     one file per dataset (NN = data-no)
-    Aggregated_Subsets/Subset--NN-{train,test}.json         one file per subset
-    med-mat/...                                             images, paths relative to the root
+    Original_Medical_Datasets/ori--NN-train.json     one file per dataset (NN = data-no)
+    Aggregated_Subsets/Subset--NN-train.json         one file per subset: its datasets' records, each
+                                                     dataset with its own ids 1..n
+    med-mat/...                                      images, paths relative to the root
+
+Other spellings the release has used are found too (medmat.data.discovery): `Ori--NN`, `Subset-NN`,
+files at the root or in a misspelled folder.
 
 Each file is a JSON list of records exactly like `tests/fixtures/medmat_sample_record.json`.
 """
@@ -32,9 +37,10 @@ SPLITS = ("train", "test")
 # The paper's 9:1 split where a dataset has no split of its own.
 DEFAULT_TEST_FRACTION = 0.1
 
-_FILE_RE = {
-    "dataset": re.compile(r"^ori--(\d+)-(train|test)\.json$", re.IGNORECASE),
-    "subset": re.compile(r"^subset--(\d+)-(train|test)\.json$", re.IGNORECASE),
+# File names the release has used: `ori--NN`, `Ori--NN`, `Subset--NN`, `Subset-NN` (one hyphen).
+FILE_PATTERNS = {
+    "dataset": re.compile(r"^ori-{1,2}(\d+)-(train|test)\.json$", re.IGNORECASE),
+    "subset": re.compile(r"^subset-{1,2}(\d+)-(train|test)\.json$", re.IGNORECASE),
 }
 _DIR_OF = {"dataset": ORIGINAL_DIR, "subset": SUBSET_DIR}
 
@@ -69,6 +75,13 @@ class SourceFile:
         """Record-id prefix: 'ori' for per-dataset files, 'sub' for subset files."""
         return "ori" if self.kind == "dataset" else "sub"
 
+    def id_prefix(self, dataset_no: int) -> str:
+        """Table id prefix of a record of `dataset_no` in this file: `ori02-train-` in a dataset file,
+        `sub03-d04-train-` in a subset file (its datasets each restart their ids at 1)."""
+        if self.kind == "dataset":
+            return f"ori{self.number:02d}-{self.split}-"
+        return f"sub{self.number:02d}-d{dataset_no:02d}-{self.split}-"
+
 
 def file_name(kind: str, number: int, split: str) -> str:
     """`file_name("dataset", 2, "train")` -> 'ori--02-train.json' (the release pads to two digits)."""
@@ -87,74 +100,20 @@ def relative_path(kind: str, number: int, split: str) -> str:
 
 
 def find_files(data_root: str | os.PathLike, kinds: Iterable[str] = ("dataset", "subset")) -> list[SourceFile]:
-    """The release's JSON files under `data_root`, sorted by (kind, number, split).
+    """The release's JSON files under `data_root`, sorted by (kind, number, split): every layout the
+    release has used, matched by file name anywhere under the root (medmat.data.discovery)."""
+    from medmat.data.discovery import discover
 
-    Directory and file names are matched case-insensitively (copies made on case-insensitive file
-    systems or re-zipped by hand differ in case). Other files are ignored.
-    """
-    root = Path(data_root)
-    out: list[SourceFile] = []
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data root is not a directory")
-    for kind in kinds:
-        wanted = _DIR_OF[kind].casefold()
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.casefold() == wanted):
-            for f in sorted(d.iterdir()):
-                m = _FILE_RE[kind].match(f.name)
-                if m and f.is_file():
-                    out.append(SourceFile(f.resolve(), f"{d.name}/{f.name}", kind, int(m.group(1)),
-                                          m.group(2).lower()))
-    order = {"dataset": 0, "subset": 1}
-    out.sort(key=lambda s: (order[s.kind], s.number, SPLITS.index(s.split), s.rel))
-    return out
+    return [f for f in discover(data_root).files if f.kind in tuple(kinds)]
 
 
 def read_records(path: str | os.PathLike, display: str | None = None) -> list[dict]:
-    """The records of one JSON file. Raises FormatError (naming the file) for unreadable bytes,
-    non-UTF-8 text, malformed JSON or a top level that is not a list. Records are not checked here."""
-    name = display or str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise FormatError(f"cannot read file: {exc.strerror or exc}", name, check="file_unreadable") from None
-    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM is harmless; other odd bytes are not
-        raw = raw[3:]
-    data = _fast_loads(raw)
-    if data is not _FAILED:
-        if not isinstance(data, list):
-            raise FormatError(f"expected a JSON list of records, got {type(data).__name__}", name,
-                              check="file_structure")
-        return data
-    # The fast parser refused the file: the standard library says precisely why (or, for the odd
-    # case it accepts, e.g. integers beyond 64 bits, reads it).
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", name,
-                          check="encoding") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", name,
-                          check="json") from None
-    if not isinstance(data, list):
-        raise FormatError(f"expected a JSON list of records, got {type(data).__name__}", name,
-                          check="file_structure")
-    return data
+    """The records of one JSON file. Raises FormatError (naming the file, and the record where one is
+    at fault) for unreadable bytes, non-UTF-8 text, malformed JSON, a top level that is not a list, a
+    duplicated key or nesting too deep. Ingest reads files tolerantly (medmat.data.json_records)."""
+    from medmat.data.json_records import load_records_strict
 
-
-_FAILED = object()
-try:  # orjson (pinned through DVC) parses ~1.6x faster than json; ingest reads ~2.4M records
-    import orjson as _orjson
-
-    def _fast_loads(raw: bytes) -> object:
-        try:
-            return _orjson.loads(raw)
-        except _orjson.JSONDecodeError:
-            return _FAILED
-except ImportError:  # pragma: no cover - orjson is in constraints.txt
-    def _fast_loads(raw: bytes) -> object:
-        return _FAILED
+    return load_records_strict(path, display)
 
 
 def format_question_choice(question: str, options: Sequence[str]) -> str:
