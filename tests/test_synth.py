@@ -56,10 +56,13 @@ def test_every_classification_dataset_with_its_triplet(world):
 def test_public_layout_and_records(world):
     root, _ = world
     files = find_files(root)
-    kinds = Counter(f.kind for f in files)
-    assert kinds["subset"] == 37 * 2
+    kinds = Counter((f.kind, f.split) for f in files)
+    assert kinds == {("subset", "train"): 37, ("dataset", "train"): 85}   # as published: -train.json only
+    assert sorted(f.rel for f in files)[0] == "Aggregated_Subsets/Subset--01-train.json"
+    assert any(f.rel == "Original_Medical_Datasets/ori--02-train.json" for f in files)
     for (no, split), recs in ori_records(root).items():
         assert recs, (no, split)
+        assert [r["id"] for r in recs] == list(range(1, len(recs) + 1))
         for r in recs:
             assert tuple(r) == RECORD_KEYS and r["data-no"] == str(no)
             _, options = parse_question_choice(r["Question-choice"])
@@ -69,27 +72,21 @@ def test_public_layout_and_records(world):
             assert r["image"].startswith("med-mat/") and path.is_file()
             with Image.open(path) as im:
                 assert im.size == (64, 64) and im.mode in ("L", "RGB")
-        if split == "test":   # label-balanced
-            assert len(set(Counter(r["Answer"] for r in recs).values())) == 1
 
 
 def test_subset_files_repeat_dataset_records(world):
     root, _ = world
     cat = load_catalog()
     ori = ori_records(root)
-    strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "id"}, sort_keys=True) for r in rs)
     for f in find_files(root, kinds=("subset",)):
-        sub = read_records(f.path)
-        assert len({r["id"] for r in sub}) == len(sub)
-        mine = [r for d in cat.subset(f.number).dataset_nos for r in ori[(d, f.split)]]
-        assert strip(sub) == strip(mine)
+        # As published: the datasets' records one after the other, each dataset keeping its ids 1..n.
+        assert read_records(f.path) == [r for d in sorted(cat.subset(f.number).dataset_nos) for r in ori[(d, "train")]]
 
 
-def test_no_image_in_both_splits(world):
-    root, _ = world
-    train = {r["image"] for (_, s), rs in ori_records(root).items() if s == "train" for r in rs}
-    test = {r["image"] for (_, s), rs in ori_records(root).items() if s == "test" for r in rs}
-    assert train and test and not train & test
+def test_every_image_used_once(world):
+    root, summary = world
+    images = [r["image"] for rs in ori_records(root).values() for r in rs]
+    assert len(images) == len(set(images)) == summary["images"]   # a derived split cannot share an image
 
 
 def test_label_sets_follow_task_kinds():
@@ -169,7 +166,7 @@ def test_entangled_world_differs_in_lesions_only(tmp_path, world):
     assert card_d["patterns"]["CT|COVID|COVID-19"] == card_d["patterns"]["X-ray|COVID|COVID-19"]
     assert card_e["patterns"]["CT|COVID|COVID-19"] != card_e["patterns"]["X-ray|COVID|COVID-19"]
     assert card_e["patterns"]["CT|COVID|Normal"] not in (None, card_e["patterns"]["CT|Cancer|Normal"])
-    img = "Original_Medical_Datasets/ori--05-test.json"
+    img = "Original_Medical_Datasets/ori--05-train.json"
     assert (root / img).read_bytes() == (ent / img).read_bytes()         # same QA records
     r = read_records(root / img)[0]["image"]
     assert (root / r).read_bytes() != (ent / r).read_bytes()             # different pixels
@@ -192,9 +189,11 @@ def test_full_scale_metadata_count(tmp_path):
     images = {r["image"] for r in ori}
     assert len(images) <= s["images"] and all((out / i).is_file() for i in images)
     for f in find_files(out):
-        ids = [r["id"] for r in read_records(f.path)]
-        assert ids == list(range(1, len(ids) + 1))
-        assert all(parse_question_choice(r["Question-choice"]) for r in read_records(f.path)[:3])
+        recs = read_records(f.path)
+        for d in {r["data-no"] for r in recs}:   # each dataset its own ids 1..n, in subset files too
+            ids = [r["id"] for r in recs if r["data-no"] == d]
+            assert ids == list(range(1, len(ids) + 1))
+        assert all(parse_question_choice(r["Question-choice"]) for r in recs[:3])
 
 
 def test_cli(tmp_path, capsys):
@@ -207,3 +206,59 @@ def test_cli(tmp_path, capsys):
     params.write_text("synth:\n  sed: 1\n")
     assert main(["synth", "--out", str(tmp_path / "x"), "--params", str(params)]) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_marker_says_what_the_world_is(world):
+    root, _ = world
+    card = json.loads((root / "MEDMAT_MINI.json").read_text())
+    assert (card["generator"], card["seed"], card["entangled"], card["shape"]) == ("medmat synth", 0, False, "release")
+    plans = synth.plan_world(synth.SynthParams(**TINY))
+    assert card["test_fraction"] == synth.test_fraction(plans)
+
+
+def test_default_world_derives_test_sets_as_large_as_before():
+    # The derived share is the one the world was built with, so each subset's derived test set is about
+    # test_per_subset records (210), as the legacy shape wrote them (measured on the full default world:
+    # 208-210 per subset).
+    params = synth.SynthParams()
+    plans = synth.plan_world(params)
+    frac = synth.test_fraction(plans)
+    per_subset: Counter = Counter()
+    for p in plans:
+        per_subset[p.subset_no] += p.n_train + p.n_test
+    for s, n in per_subset.items():
+        labels = len(synth.subset_labels(s, load_catalog().subset(s).task))
+        derived = labels * max(1, round(frac * n / labels))
+        assert 190 <= derived <= 230, (s, derived)
+
+
+def test_release_and_legacy_shapes_ingest_alike(tmp_path):
+    from medmat.data.ingest import IngestParams, ingest
+
+    params = dict(train_per_subset=12, test_per_subset=6, subsets=[3, 5])
+    rel, leg = tmp_path / "release", tmp_path / "legacy"
+    n = synth.generate(rel, synth.SynthParams(**params), progress=False)["records"]
+    assert synth.generate(leg, synth.SynthParams(shape="legacy", **params), progress=False)["records"] == n
+    assert {f.split for f in find_files(rel)} == {"train"} and {f.split for f in find_files(leg)} == {"train", "test"}
+    for side in ("datasets", "subsets"):
+        a, pa_, sa = ingest(rel, IngestParams(read=side))
+        b, pb, sb = ingest(leg, IngestParams(read=side))
+        assert len(a) == len(b) == sa.records == n               # every record once, whichever side
+        assert a.record_id.is_unique and b.record_id.is_unique
+        assert not [p for p in pa_ + pb if p["severity"] == "critical"]
+        assert sa.world == sb.world == "mini"
+        test = a[a.split == "test"]
+        assert set(test.subset_no) == {3, 5}
+        for _, grp in test.groupby("subset_no"):                      # label-balanced per subset
+            assert grp.answer_text.value_counts().nunique() == 1
+    assert (b[b.split == "test"].source_file.str.endswith("-test.json")).all()
+
+
+def test_cli_legacy_shape(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("synth:\n  train_per_subset: 8\n  test_per_subset: 8\n  subsets: [5]\n")
+    out = tmp_path / "data"
+    assert main(["synth", "--out", str(out), "--params", str(params), "--legacy-shape"]) == 0
+    assert "legacy shape" in capsys.readouterr().out
+    assert {(f.kind, f.split) for f in find_files(out)} == {(k, s) for k in ("dataset", "subset")
+                                                          for s in ("train", "test")}

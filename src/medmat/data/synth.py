@@ -26,29 +26,18 @@ fixed encoder settings and no metadata, so the same seed gives a byte-identical 
 
 `scale="full"` also writes full-scale metadata (about 2.36M records, the public viewer's count) whose
 image paths point at the mini images: a benchmark input for ingest/validate, JSON only.
+
+This module is the look of the world; medmat.data.synth_world writes it in the release's file shape.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
-import json
-import logging
-import os
-import shutil
 import struct
-import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-from medmat.data import qa
-from medmat.data.medmat_format import relative_path
-
-log = logging.getLogger(__name__)
 
 SIZE = 64
 FULL_RECORDS = 2_360_000  # rows the public Med-MAT viewer counts
@@ -395,293 +384,20 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ world
-@dataclass
-class SynthParams:
-    """`synth:` section of params.yaml."""
-
-    seed: int = 0
-    entangled: bool = False
-    shared_normal: bool = True       # real Med-MAT shares "Normal" across tasks (a known leak)
-    scale: str = "mini"              # mini | full (full also writes ~2.36M-record metadata)
-    image_size: int = SIZE
-    train_per_subset: int = 360      # mini training records per subset (the paper caps at 3000)
-    test_per_subset: int = 210       # label-balanced test records per subset (~+-3.5 points at 200)
-    full_records: int = FULL_RECORDS
-    subsets: list[int] | None = None  # only these classification subsets (default: all of 01-37)
-
-    def __post_init__(self) -> None:
-        if self.scale not in ("mini", "full"):
-            raise ValueError(f"scale must be 'mini' or 'full', got {self.scale!r}")
-        if self.image_size < 16:
-            raise ValueError("image_size must be >= 16")
-        if self.train_per_subset < 1 or self.test_per_subset < 1:
-            raise ValueError("train_per_subset and test_per_subset must be >= 1")
+# The world writer (plans, record counts, the release's file shape, the CLI) is medmat.data.synth_world;
+# its names are served from here too, so `medmat.data.synth.generate` and `medmat synth` keep working.
+_WORLD_NAMES = {"SynthParams", "DatasetPlan", "plan_world", "labels_by_kind", "generate_dataset", "generate",
+                "generate_from_params", "world_card", "configure", "params_from_args", "run", "SHAPES",
+                "files_of_dataset", "subset_file", "test_fraction"}
 
 
-@dataclass(frozen=True)
-class DatasetPlan:
-    dataset_no: int
-    subset_no: int
-    modality: str
-    area: str
-    task: str
-    folder: str
-    labels: tuple[str, ...]
-    n_train: int
-    n_test: int
+def __getattr__(name: str):
+    if name in _WORLD_NAMES:
+        from medmat.data import synth_world
 
+        return getattr(synth_world, name)
+    if name == "write_full_metadata":
+        from medmat.data.synth_full import write_full_metadata
 
-def plan_world(params: SynthParams) -> list[DatasetPlan]:
-    """One plan per catalogue dataset of the classification subsets: triplet, labels, sample counts.
-
-    A subset's training and test budgets are spread over its datasets; test sets come in whole
-    label-balanced groups, at least one group per dataset.
-    """
-    from medmat.catalog import load_catalog
-
-    cat = load_catalog()
-    plans = []
-    chosen = cat.classification_subsets()
-    if params.subsets is not None:
-        unknown = sorted(set(params.subsets) - set(chosen))
-        if unknown:
-            raise ValueError(f"subsets {unknown} are not classification subsets (01-37)")
-        chosen = sorted(set(params.subsets))
-    for s in chosen:
-        sub = cat.subset(s)
-        labels = tuple(subset_labels(s, sub.task, params.shared_normal))
-        nos = sorted(sub.dataset_nos)
-        n = len(nos)
-        groups = max(1, params.test_per_subset // len(labels))
-        for j, d in enumerate(nos):
-            info = cat.dataset(d)
-            n_train = max(len(labels), params.train_per_subset // n + (j < params.train_per_subset % n))
-            g = max(1, groups // n + (j < groups % n))
-            plans.append(DatasetPlan(d, s, info.modality, info.area, sub.task, qa.folder_name(d, info.name),
-                                     labels, n_train, g * len(labels)))
-    return plans
-
-
-def labels_by_kind(plans: list[DatasetPlan]) -> dict[tuple[str, str], set[str]]:
-    """{(modality, task): labels} over the planned datasets."""
-    out: dict[tuple[str, str], set[str]] = {}
-    for p in plans:
-        out.setdefault((p.modality, p.task), set()).update(p.labels)
-    return out
-
-
-def generate_dataset(plan: DatasetPlan, patterns: dict, params: SynthParams) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
-    """Images (relative path -> PNG bytes) and QA records {"train": [...], "test": [...]} of one dataset."""
-    from medmat.catalog import load_catalog
-
-    scene = Scene(plan.modality, plan.area, Nuisance.draw(params.seed, plan.dataset_no), params.image_size)
-    sub = load_catalog().subset(plan.subset_no)
-    templates = qa.make_templates(sub.modality, sub.area, sub.task)
-    images: dict[str, bytes] = {}
-    pairs: list[qa.Pair] = []
-    counter = {lab: 0 for lab in plan.labels}
-    for split, n in (("train", plan.n_train), ("test", plan.n_test)):
-        for i in range(n):
-            label = plan.labels[i % len(plan.labels)]   # balanced by construction
-            k = counter[label]
-            counter[label] += 1
-            rng = _rng(params.seed, params.entangled, "img", plan.dataset_no, label, k)
-            arr = scene.render(patterns[(plan.modality, plan.task, label)], rng)
-            rel = f"med-mat/{plan.folder}/{label.replace('/', '_')}/{k}.png"
-            images[rel] = encode_png(arr)
-            pairs.append(qa.Pair(rel, label, split))
-    out = qa.build_dataset_qa(pairs, plan.labels, templates, plan.dataset_no, params.seed,
-                              train_cap=plan.n_train, test_cap=plan.n_test)
-    return images, out
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _dump(path: Path, records: list[dict]) -> None:
-    from medmat.data.medmat_format import write_records
-
-    write_records(path, records)
-
-
-def generate(out: str | os.PathLike, params: SynthParams, progress: bool = True) -> dict:
-    """Write Med-MAT-mini under `out` (which must not exist or be empty); return a summary dict.
-
-    The world is built in a sibling temporary folder and moved into place at the end, so a crash
-    never leaves a half-written data root that later stages would take for a real one.
-    """
-    from tqdm import tqdm
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new folder or remove it")
-    t0 = time.perf_counter()
-    plans = plan_world(params)
-    patterns = pattern_table(labels_by_kind(plans), params.seed, params.entangled)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    by_subset: dict[int, dict[str, list[dict]]] = {}
-    per_dataset: dict[int, dict[str, list[dict]]] = {}
-    n_images = 0
-    n_bytes = 0
-    try:
-        for plan in tqdm(plans, desc="synth", unit="dataset", disable=not progress):
-            images, recs = generate_dataset(plan, patterns, params)
-            for rel, data in images.items():
-                _write_bytes(tmp / rel, data)
-                n_bytes += len(data)
-            n_images += len(images)
-            per_dataset[plan.dataset_no] = recs
-            for split, rs in recs.items():
-                by_subset.setdefault(plan.subset_no, {"train": [], "test": []})[split].extend(rs)
-                _dump(tmp / relative_path("dataset", plan.dataset_no, split), rs)
-        for s, recs in sorted(by_subset.items()):
-            for split, rs in recs.items():
-                # Subset files repeat the datasets' records; ids are renumbered so they stay unique per file.
-                _dump(tmp / relative_path("subset", s, split), [{**r, "id": i + 1} for i, r in enumerate(rs)])
-        full = None
-        if params.scale == "full":
-            full = write_full_metadata(tmp, plans, per_dataset, params.full_records, progress=progress)
-        _write_bytes(tmp / "MEDMAT_MINI.json", (json.dumps(world_card(plans, patterns, params), indent=1,
-                                                           sort_keys=True) + "\n").encode())
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    n_records = sum(len(r) for recs in per_dataset.values() for r in recs.values())
-    summary = {"datasets": len(plans), "subsets": len(by_subset), "images": n_images, "records": n_records,
-               "image_mb": round(n_bytes / 2**20, 1), "seconds": round(time.perf_counter() - t0, 1)}
-    if full:
-        summary["full_records"] = full
-    return summary
-
-
-def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams) -> dict:
-    """What the world is (written as MEDMAT_MINI.json): parameters, labels and lesion pattern per label."""
-    return {
-        "generator": "medmat.data.synth (Med-MAT-mini)",
-        "params": {k: getattr(params, k) for k in params.__dataclass_fields__},
-        "datasets": {str(p.dataset_no): {"subset": p.subset_no, "triplet": f"{p.modality}-{p.area}-{p.task}",
-                                         "folder": p.folder, "labels": list(p.labels),
-                                         "train": p.n_train, "test": p.n_test} for p in plans},
-        "patterns": {f"{m}|{t}|{lab}": (None if pat is None else
-                                    f"{PATTERN_KINDS[pat[0]]}/{PATTERN_SIZES[pat[1]]}/{PATTERN_POSITIONS[pat[2]]}")
-                     for (m, t, lab), pat in sorted(patterns.items())},
-    }
-
-
-# ----------------------------------------------------------------------------- full-scale metadata
-def write_full_metadata(root: Path, plans: list[DatasetPlan], per_dataset: dict[int, dict[str, list[dict]]],
-                        total: int, progress: bool = True) -> int:
-    """Replace the per-dataset and per-subset JSON files by full-scale ones (`total` records in all,
-    spread over the datasets in proportion to their mini size, train:test as in mini).
-
-    Records cycle over the dataset's mini records (same images, options and answers) with fresh ids,
-    so image paths stay inside a bounded pool of real files. Written as text from pre-serialised
-    record bodies: a benchmark input has to be quick to make (~2.4M records in well under a minute).
-    """
-    from tqdm import tqdm
-
-    mini_total = sum(len(r) for recs in per_dataset.values() for r in recs.values())
-    written = 0
-    subset_chunks: dict[tuple[int, str], list[Path]] = {}
-    for j, plan in enumerate(tqdm(plans, desc="full-scale metadata", unit="dataset", disable=not progress)):
-        for split in ("train", "test"):
-            pool = per_dataset[plan.dataset_no][split]
-            if not pool:
-                continue
-            if j == len(plans) - 1 and split == "test":
-                n = max(1, total - written)
-            else:
-                n = max(1, round(total * len(pool) / mini_total))
-            # Serialise each pool record once, without its id; a full record is then '{"id": N, ' + body.
-            bodies = [json.dumps({k: v for k, v in r.items() if k != "id"}, ensure_ascii=False, indent=None)[1:]
-                      for r in pool]
-            path = root / relative_path("dataset", plan.dataset_no, split)
-            _write_text_records(path, (f'{{"id": {i + 1}, {bodies[i % len(bodies)]}' for i in range(n)))
-            subset_chunks.setdefault((plan.subset_no, split), []).append(path)
-            written += n
-    # Subset files repeat the per-dataset records, as in the release, with ids renumbered per file.
-    for (s, split), paths in sorted(subset_chunks.items()):
-        def lines(paths=paths):
-            i = 0
-            for p in paths:
-                with p.open(encoding="utf-8") as fh:
-                    for line in fh:
-                        line = line.rstrip("\n").rstrip(",")
-                        if line in ("[", "]"):
-                            continue
-                        i += 1
-                        yield f'{{"id": {i}, ' + line.split(", ", 1)[1]
-        _write_text_records(root / relative_path("subset", s, split), lines())
-    return written
-
-
-def _write_text_records(path: Path, records) -> None:
-    """A JSON list, one pre-serialised record per line, written atomically.
-
-    Streamed to the temp file rather than through medmat.io: at full scale one subset file is ~1 GB,
-    which should not be held in memory as a string.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write("[\n")
-        first = True
-        for rec in records:
-            if not first:
-                fh.write(",\n")
-            fh.write(rec)
-            first = False
-        fh.write("\n]\n")
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="data root to create (must not exist or be empty)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file whose `synth:` section gives the defaults (if it exists)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--entangled", action="store_true", default=None,
-                        help="negative control: lesion look depends on the modality")
-    parser.add_argument("--scale", choices=("mini", "full"), default=None,
-                        help="full: also write ~2.36M-record metadata over the mini images")
-    parser.add_argument("--no-shared-normal", dest="shared_normal", action="store_false", default=None,
-                        help="give every task kind its own negative label instead of a shared 'Normal'")
-    parser.add_argument("--train-per-subset", type=int, default=None)
-    parser.add_argument("--test-per-subset", type=int, default=None)
-    parser.add_argument("--full-records", type=int, default=None, help="records of the full-scale metadata")
-
-
-def params_from_args(args: argparse.Namespace) -> SynthParams:
-    from medmat.config import from_dict, load_params
-
-    values = dict(load_params(args.params).get("synth") or {}) if args.params.exists() else {}
-    for key in ("seed", "entangled", "scale", "shared_normal", "train_per_subset", "test_per_subset", "full_records"):
-        if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    return from_dict(SynthParams, values, where=f"{args.params}: section 'synth'")
-
-
-def run(args: argparse.Namespace) -> int:
-    from medmat.config import ConfigError
-
-    try:
-        params = params_from_args(args)
-        summary = generate(args.out, params)
-    except (ConfigError, FileExistsError, KeyError, ValueError) as exc:
-        log.error("synth: %s", exc)
-        return 1
-    print(f"Med-MAT-mini ({'entangled' if params.entangled else 'default'} world, seed {params.seed}) -> "
-          f"{args.out}: {summary['datasets']} datasets, {summary['subsets']} subsets, {summary['images']} images "
-          f"({summary['image_mb']} MB), {summary['records']} records"
-          + (f", {summary['full_records']} full-scale records" if "full_records" in summary else "")
-          + f", {summary['seconds']} s")
-    return 0
+        return write_full_metadata
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
