@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -85,9 +86,7 @@ def _quiet_mlflow() -> None:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :])
-    return None
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def _store_lock(uri: str):
@@ -269,7 +268,8 @@ def tracked_run(cfg: TrackingConfig | None = None, run_name: str | None = None, 
                 mlflow.log_params(flat)
         yield run
     except Exception as exc:
-        if _is_pruned(exc):
+        optuna = sys.modules.get("optuna")  # imported by whoever prunes; never imported here
+        if optuna is not None and isinstance(exc, optuna.TrialPruned):
             mlflow.set_tag(TAG_PREFIX + "pruned", "true")
             mlflow.end_run(status="FINISHED")
             raise
@@ -285,13 +285,6 @@ def tracked_run(cfg: TrackingConfig | None = None, run_name: str | None = None, 
         raise
     else:
         mlflow.end_run(status="FINISHED")
-
-
-def _is_pruned(exc: BaseException) -> bool:
-    import sys
-
-    optuna = sys.modules.get("optuna")
-    return optuna is not None and isinstance(exc, optuna.TrialPruned)
 
 
 def parent_run(cfg: TrackingConfig | None, run_name: str, key: str,
