@@ -13,6 +13,15 @@ Each step is one synthetic Med-MAT-shaped batch: a 448x448 image (1,024 patches 
 tokens after the 2x2 merge) followed by ~96 text tokens of question and options, loss on the last 2
 tokens (answer letter + end token), as the backend's collate builds them.
 
+Two training loops run side by side on the same model and the same batches, and the report gives
+their ratio (medmat / bare) per batch size:
+  * `bare`: the plain Hugging Face + torch loop, the reference: model(**batch).loss, backward, clip,
+    AdamW; the weights as built (bf16; PEFT keeps the LoRA matrices fp32, the trained merger is bf16).
+  * `medmat`: the inner step of medmat.train on the same model: accelerate-prepared model, optimiser
+    and scheduler, accelerator.backward / clip_grad_norm_, and the hf backend's precision policy
+    (every trainable weight fp32 via `upcast_trainable`, forward under bf16 autocast via accelerate's
+    mixed_precision). All bare batch sizes run first: accelerate patches the model's forward in place.
+
 MFU (model FLOPs utilisation) = counted model FLOPs per second / the GPU's peak dense bf16 FLOPs.
 FLOPs per step are counted with the standard matmul approximation (2 FLOPs per weight per token in
 the forward pass, 2 more for the gradient w.r.t. the input, 2 more for the gradient w.r.t. the weight;
@@ -157,26 +166,59 @@ def flops_per_step(cfg, counts: dict[str, int], batch: int, seq: int, patches: i
     return float(f)
 
 
-def run_one(torch, model, cfg, args, batch: int, device, dtype) -> dict:
+def bare_loop(torch, model, params, device):
+    """The reference: Hugging Face model + plain torch optimiser loop, nothing of ours."""
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, opt
+
+
+def medmat_loop(torch, model, params, device):
+    """medmat.train's inner step: accelerate-prepared model/optimiser/scheduler under the hf backend's
+    mixed precision (fp32 trainable weights, bf16 autocast)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process; this loop sets its own
+    accel = Accelerator(step_scheduler_with_optimizer=False, cpu=device.type != "cuda", mixed_precision="bf16")
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    prepared, opt, sched = accel.prepare(model, opt, sched)
+
+    def step(batch):
+        loss = prepared(**batch).loss
+        accel.backward(loss)
+        accel.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, opt
+
+
+def run_one(torch, model, cfg, args, batch: int, device, dtype, loop: str = "bare") -> dict:
     gen = torch.Generator().manual_seed(0)
     text_tokens = args.text_tokens
     batches = [synthetic_batch(torch, cfg, batch, args.image_px, text_tokens, device, dtype, gen) for _ in range(2)]
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
     model.train()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    make = {"bare": bare_loop, "medmat": medmat_loop}[loop]
+    one_step, opt = make(torch, model, params, device)
 
     def step(i):
-        loss = model(**batches[i % 2]).loss
-        loss.backward()
-        loss = loss.detach()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return one_step(batches[i % 2])
 
     for i in range(args.warmup):
         step(i)
@@ -192,7 +234,7 @@ def run_one(torch, model, cfg, args, batch: int, device, dtype) -> dict:
     counts = count_params(model)
     flops = flops_per_step(cfg, counts, batch, seq, patches) * args.steps
     res = {
-        "batch_size": batch, "seq_len": seq, "image_px": args.image_px, "steps": args.steps,
+        "loop": loop, "batch_size": batch, "seq_len": seq, "image_px": args.image_px, "steps": args.steps,
         "seconds": round(elapsed, 3), "samples_per_s": round(batch * args.steps / elapsed, 2),
         "tokens_per_s": round(batch * seq * args.steps / elapsed, 1),
         "model_tflops_per_s": round(flops / elapsed / 1e12, 2), "final_loss": round(float(loss), 4),
@@ -218,6 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s when the GPU is not known")
+    ap.add_argument("--loops", choices=["both", "bare", "medmat"], default="both",
+                    help="training loops to time (default both, side by side)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -230,10 +274,10 @@ def main(argv=None) -> int:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     try:
-        from medmat.models.hf import LoraConfig, wrap_lora
+        from medmat.models.hf import LoraConfig, upcast_trainable, wrap_lora
     except ImportError:  # run from a checkout without `pip install -e .`
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
-        from medmat.models.hf import LoraConfig, wrap_lora
+        from medmat.models.hf import LoraConfig, upcast_trainable, wrap_lora
 
     if args.smoke:
         device, dtype, shape = torch.device("cpu"), torch.float32, QWEN2VL_SMOKE
@@ -263,28 +307,44 @@ def main(argv=None) -> int:
                       "total_params": sum(p.numel() for p in model.parameters())}), flush=True)
 
     results = []
+    loops = ["bare", "medmat"] if args.loops == "both" else [args.loops]
+    for loop in loops:
+        if loop == "medmat":
+            upcast_trainable(model)  # the backend's policy: fp32 master weights for what is trained
+        for b in sizes:
+            try:
+                r = run_one(torch, model, cfg, args, b, device, dtype, loop=loop)
+            except torch.OutOfMemoryError:
+                r = {"loop": loop, "batch_size": b, "error": "out of memory"}
+                torch.cuda.empty_cache()
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    ratios = []
+    by = {(r["loop"], r["batch_size"]): r for r in results if "error" not in r}
     for b in sizes:
-        try:
-            r = run_one(torch, model, cfg, args, b, device, dtype)
-        except torch.OutOfMemoryError:
-            r = {"batch_size": b, "error": "out of memory"}
-            torch.cuda.empty_cache()
-        results.append(r)
-        print(json.dumps(r), flush=True)
+        bare, ours = by.get(("bare", b)), by.get(("medmat", b))
+        if bare and ours:
+            ratios.append({"batch_size": b,
+                           "samples_per_s": round(ours["samples_per_s"] / bare["samples_per_s"], 3),
+                           "peak_memory": (round(ours["peak_memory_gib"] / bare["peak_memory_gib"], 3)
+                                           if bare.get("peak_memory_gib") else None)})
 
     report = {"benchmark": "gpu_lora_qwen2vl", "shape": "smoke" if args.smoke else "Qwen2-VL-2B-Instruct",
               "dtype": str(dtype).replace("torch.", ""), "lora_r": args.lora_r,
               "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn, "machine": info,
-              "params": counts, "results": results,
+              "params": counts, "results": results, "ratio_medmat_over_bare": ratios,
               "flops_note": "4/weight/token frozen LLM + lm_head, 6 trainable (LoRA, merger), 2 frozen vision "
                             "per patch, + attention; recompute not counted"}
     ok = [r for r in results if "error" not in r]
-    print("\n batch  seq  samples/s  tokens/s  TFLOP/s   MFU  peak GiB")
+    print("\n loop    batch  seq  samples/s  tokens/s  TFLOP/s   MFU  peak GiB")
     for r in ok:
         mfu = r.get("mfu")
-        print(f" {r['batch_size']:5d} {r['seq_len']:4d} {r['samples_per_s']:10.2f} {r['tokens_per_s']:9.0f} "
-              f"{r['model_tflops_per_s']:8.2f} {('%.1f%%' % (100 * mfu)) if mfu else '  n/a':>6} "
-              f"{r.get('peak_memory_gib', float('nan')):8.2f}")
+        print(f" {r['loop']:7s} {r['batch_size']:5d} {r['seq_len']:4d} {r['samples_per_s']:10.2f} "
+              f"{r['tokens_per_s']:9.0f} {r['model_tflops_per_s']:8.2f} "
+              f"{('%.1f%%' % (100 * mfu)) if mfu else '  n/a':>6} {r.get('peak_memory_gib', float('nan')):8.2f}")
+    for q in ratios:
+        mem = f"{q['peak_memory']:.2f}" if q["peak_memory"] else "n/a"
+        print(f" medmat/bare at batch {q['batch_size']}: samples/s x{q['samples_per_s']:.2f}, peak memory x{mem}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:

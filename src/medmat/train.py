@@ -269,6 +269,12 @@ def train_model(
         from medmat.models.hf import mixed_precision_of
 
         precision = mixed_precision_of(model_cfg.hf)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one precision per process and refuses another; a process that trains several
+    # models (tests, units run in-process) starts a fresh state for a new one (the process group stays).
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state()
     accel = Accelerator(step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available(),
                         mixed_precision=precision)
     main = accel.is_main_process

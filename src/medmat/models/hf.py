@@ -71,7 +71,12 @@ class HFConfig:
     freeze_vision: bool = True  # vision tower frozen (full fine-tuning; LoRA never adapts it by default)
     freeze_projector: bool = False  # False: projector trained too (LoRA: saved beside the adapter)
     gradient_checkpointing: bool = False
-    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
+    # Storage dtype of the loaded (frozen) weights; trainable weights are always float32 master weights.
+    # auto: fp32 on CPU; on CUDA bf16 under LoRA, fp32 for full fine-tuning. Or float32/bfloat16/float16.
+    dtype: str = "auto"
+    # torch.autocast of every forward (accelerate's mixed_precision in training, the same in evaluation):
+    # auto = bf16 on CUDA or when dtype is half precision, else no; or no / bf16 / fp16.
+    mixed_precision: str = "auto"
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is there, else cpu
     max_length: int = 2048  # a longer prompt + answer is an error naming the record (never silently cut)
     image_size: int | None = None  # resize images to this square first (None: the processor decides)
@@ -84,6 +89,8 @@ class HFConfig:
             self.lora = from_dict(LoraConfig, self.lora, where="model.hf.lora")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.max_length < 16:
             raise ValueError(f"max_length must be >= 16, got {self.max_length}")
 
@@ -115,10 +122,62 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p.resolve()
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, full_finetune: bool = False) -> torch.dtype:
+    """Storage dtype of the loaded weights. `auto` keeps full fine-tuning in fp32 on every device: at
+    the paper's lr 5e-6 an Adam update (~lr per weight) is far below bf16's resolution (~0.4% of the
+    weight), so bf16 weights would not move; LoRA's frozen base on CUDA is stored in bf16 (half the
+    memory, never updated)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and not full_finetune else torch.float32
     return getattr(torch, name)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_mixed_precision(cfg: HFConfig, device: torch.device) -> str:
+    """accelerate's `mixed_precision` for `cfg` on `device`: "no", "bf16" or "fp16".
+
+    Trainable weights are kept in fp32 (upcast_trainable), so half-precision frozen weights need
+    autocast for the two to meet in one matmul; `no` with a half-precision dtype is a config error."""
+    weights = resolve_dtype(cfg.dtype, device, cfg.full_finetune)
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        half = "fp16" if weights == torch.float16 else "bf16"
+        mixed = half if device.type == "cuda" or weights != torch.float32 else "no"
+    if mixed == "no" and weights != torch.float32:
+        raise ConfigError(f"model.hf.dtype {cfg.dtype!r} stores weights in {weights} while trainable weights stay "
+                          "float32: set model.hf.mixed_precision to bf16 or fp16 (autocast), not 'no'")
+    return mixed
+
+
+def mixed_precision_of(hf_values: dict | HFConfig) -> str:
+    """The trainer's Accelerator(mixed_precision=...) for a `model.hf` section (before the model is built)."""
+    cfg = hf_values if isinstance(hf_values, HFConfig) else from_dict(HFConfig, hf_values, where="model.hf")
+    return resolve_mixed_precision(cfg, resolve_device(cfg.device))
+
+
+def upcast_trainable(model) -> int:
+    """Every trainable parameter in fp32 (full fine-tuning's weights, LoRA's adapters, the projector
+    copy PEFT keeps in modules_to_save): the optimiser updates fp32 master weights, whatever dtype the
+    frozen weights are stored in. Returns how many tensors were cast."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
+def autocast_forward(model, mixed_precision: str, device: torch.device) -> None:
+    """Run the transformers model's forward under torch.autocast, as accelerate's prepare() does in
+    training, so evaluation and generation (outside the trainer) see the same precision, and fp32
+    trainable modules meet half-precision frozen ones. Patched on the innermost model: PEFT's
+    wrappers and generate() all call it."""
+    if mixed_precision == "no":
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.forward = torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[mixed_precision])(inner.forward)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,7 +255,8 @@ class HFBackend:
         base = check_model_path(cfg.path)
         weights_dir = Path(model_dir) if model_dir is not None else base
         self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device, cfg.full_finetune)
+        self.mixed_precision = resolve_mixed_precision(cfg, self.device)
         kwargs: dict[str, Any] = dict(dtype=self.dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
@@ -225,6 +285,8 @@ class HFBackend:
             self._freeze_for_full(model)
         else:
             model = self._wrap_lora(model, adapter_dir)
+        upcast_trainable(model)
+        autocast_forward(model, self.mixed_precision, self.device)
         self.model = model.to(self.device)
         self._letter_ids = self._single_token_letters()
         trainable, total = self.trainable_parameters()
