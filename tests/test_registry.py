@@ -1,7 +1,8 @@
-"""The registry on a real MLflow SQLite store: versions per run, the champion rule, idempotence, pyfunc.
+"""The registry on a real MLflow SQLite store: candidates only, champion by mean dev accuracy, one
+version per arm, names scoped by world and backend, idempotence, pyfunc.
 
 Runs are real MLflow runs holding a real logged model (a tiny VLM saved by its backend), with the run
-directory layout `medmat evaluate` leaves (metrics.json + mlflow_run_id + manifest.json).
+directory layout `medmat.unit` leaves (metrics.json + mlflow_run_id + manifest.json).
 """
 
 from __future__ import annotations
@@ -61,86 +62,130 @@ def model_dir(tmp_path_factory):
     return out, root / "img0.jpg"
 
 
-def make_run(cfg, runs_root: Path, arm: str, seed: int, accuracy: float, model: Path, triplet: str = TRIPLET) -> Path:
-    run_dir = runs_root / "03" / arm / f"seed{seed}"
+def make_run(cfg, runs_root: Path, arm: str, seed: int, dev: float, test: float, model: Path | None,
+             candidate: bool = True, world: str = "mini", backend: str = "tiny", target: str = "03",
+             triplet: str = TRIPLET, trained_on_target: bool = False) -> Path:
+    """A run dir as `medmat.unit` leaves it: a real MLflow run (with a real logged model where `model`),
+    mlflow_run_id, manifest.json and metrics.json in the contract's layout."""
+    run_dir = runs_root / target / arm / f"seed{seed}"
     run_dir.mkdir(parents=True)
-    tags = tracking.run_tags(target=triplet, arm=arm, backend="tiny", seed=seed)
-    with tracking.tracked_run(cfg, run_name=f"03/{arm}/seed{seed}", tags=tags) as run:
-        tracking.log_model(model, input_example=False)
+    tags = tracking.run_tags(target=triplet, arm=arm, backend=backend, seed=seed)
+    with tracking.tracked_run(cfg, run_name=f"{target}/{arm}/seed{seed}", tags=tags) as run:
+        if model is not None:
+            tracking.log_model(model, input_example=False)
     tracking.write_run_id(run_dir, run.info.run_id)
     (run_dir / "manifest.json").write_text(json.dumps({"components": {"04": {"requested": 100, "selected": 100}}}))
-    (run_dir / "metrics.json").write_text(json.dumps({"accuracy": accuracy, "ci95": [accuracy - 0.05, accuracy + 0.05],
-                                                      "n": 200}))
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "accuracy": test, "ci95": [test - 0.05, test + 0.05], "n": 200, "dev_accuracy": dev, "dev_n": 60,
+        "seed": seed, "target": target, "triplet": triplet, "arm": arm,
+        "combination": arm.split("/")[0] if arm.endswith("/related") else None, "world": world,
+        "backend": backend, "trained_on_target": trained_on_target, "candidate": candidate}))
     return run_dir
 
 
-def test_model_name_is_readable():
-    assert registry.model_name("CT-Lung-COVID") == "medmat-CT-Lung-COVID"
-    assert registry.model_name("X-ray-Chest/Lung-Level") == "medmat-X-ray-Chest_Lung-Level"
+def test_model_name_is_scoped_by_world_and_backend():
+    assert registry.model_name("mini", "tiny", "CT-Lung-COVID") == "medmat-mini-tiny-CT-Lung-COVID"
+    assert registry.model_name("medmat", "hf", "CT-Lung-COVID") == "medmat-real-hf-CT-Lung-COVID"
+    assert registry.model_name("mini", "tiny", "X-ray-Chest/Lung-Level") == "medmat-mini-tiny-X-ray-Chest_Lung-Level"
 
 
-def test_champion_rule_and_idempotence(store, tmp_path, model_dir):
+def test_champion_is_the_best_mean_dev_candidate_arm(store, tmp_path, model_dir):
+    """Baselines and arms that saw the target never become champion even with the best scores; the
+    champion is chosen by mean dev accuracy where test accuracy says otherwise; one version per arm
+    (its best-dev seed); a rerun adds nothing; the alias only moves forward."""
     import mlflow
 
     model, _ = model_dir
     runs = tmp_path / "runs"
-    client = mlflow.MlflowClient()
-    name = "medmat-" + TRIPLET
-    make_run(store, runs, "baseline_plus", 0, 0.55, model)
-    first = registry.register_runs(runs, "03", client=client)
-    assert [(o.version, o.created, o.moved) for o in first] == [("1", True, True)]
-
-    make_run(store, runs, "related_fixed_area", 0, 0.80, model)   # better: takes the alias
-    make_run(store, runs, "related_fixed_task", 0, 0.70, model)   # worse than 0.80: never takes it
-    out = {Path(o.run_dir).parent.name: o for o in registry.register_runs(runs, "03", client=client)}
-    assert str(client.get_model_version_by_alias(name, "champion").version) == out["related_fixed_area"].version
-    assert out["related_fixed_task"].created and not out["related_fixed_task"].moved
-    assert not out["baseline_plus"].created  # registered before: no second version
-
+    client = mlflow.MlflowClient(store.tracking_uri)
+    name = "medmat-mini-tiny-" + TRIPLET
+    # the best scores of all, on runs that are no CG candidates (each with a real logged model, so the
+    # only thing keeping them out is the rule)
+    make_run(store, runs, "baseline", 0, dev=0.99, test=0.99, model=model, candidate=False)
+    make_run(store, runs, "fixed_area-04-28/baseline_plus", 0, dev=0.98, test=0.98, model=model, candidate=False)
+    # a file claiming candidacy for an arm trained on the target's own data is still refused
+    make_run(store, runs, "in_distribution", 0, dev=0.97, test=0.97, model=model, candidate=True,
+             trained_on_target=True)
+    make_run(store, runs, "limited/related_k100", 0, dev=0.96, test=0.96, model=model, candidate=True)
+    # test and dev disagree: A is better on test, B on dev -> B is champion
+    # (dev values are binary fractions: the means are exact, so "equal" below is equal)
+    a = [make_run(store, runs, "fixed_task-04-28/related", s, dev=d, test=0.95, model=model)
+         for s, d in ((0, 0.625), (1, 0.6875))]
+    b = [make_run(store, runs, "fixed_area-04-28/related", s, dev=d, test=t, model=model)
+         for s, d, t in ((0, 0.75, 0.62), (1, 0.875, 0.6), (2, 0.625, 0.61))]
+    out = {o.arm: o for o in registry.register_runs(runs, "03", client=client)}
+    assert sorted(out) == ["fixed_area-04-28/related", "fixed_task-04-28/related"]
     versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 3
-    again = registry.register_runs(runs, "03", client=client)
-    assert not any(o.created or o.moved for o in again)
-    assert len(client.search_model_versions(f"name = '{name}'")) == 3  # a rerun adds nothing
-
-    # an equal score is not "better": the alias stays where it is
-    make_run(store, runs, "all_related", 0, 0.80, model)
-    registry.register_runs(runs, "03", client=client)
+    assert len(versions) == 2                                    # one per arm, not one per seed
     champ = client.get_model_version_by_alias(name, "champion")
-    assert str(champ.version) == out["related_fixed_area"].version
-    assert champ.tags["medmat.test_accuracy"] == "0.8" and champ.tags["medmat.target"] == TRIPLET
-    assert champ.tags["medmat.arm"] == "related_fixed_area" and json.loads(champ.tags["medmat.mixture"]) == {"04": 100}
-    assert "medmat.git_commit" in champ.tags and "medmat.data_version" in champ.tags
-    assert champ.tags["medmat.test_ci95"] == "[0.7500, 0.8500]" and "0.8000" in champ.description
+    assert champ.tags["medmat.arm"] == "fixed_area-04-28/related"
+    assert champ.run_id == registry.read_seed(b[1])[1].run_id   # the arm's best-dev seed
+    assert float(champ.tags["medmat.mean_dev_accuracy"]) == 0.75
+    assert champ.tags["medmat.test_accuracy"] == "0.6" and champ.tags["medmat.seeds"] == "0,1,2"
+    assert champ.tags["medmat.world"] == "mini" and champ.tags["medmat.backend"] == "tiny"
+    assert json.loads(champ.tags["medmat.mixture"]) == {"04": 100} and "medmat.git_commit" in champ.tags
+    assert out["fixed_task-04-28/related"].created and not out["fixed_task-04-28/related"].champion
+    assert out["fixed_task-04-28/related"].run_id == registry.read_seed(a[1])[1].run_id
+
+    again = registry.register_runs(runs, "03", client=client)
+    assert not any(o.created or o.moved for o in again)           # a rerun adds nothing
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    # equal mean dev is not "better"; the search's best with a higher mean takes the alias
+    make_run(store, runs, "all_related_like/related", 0, dev=0.75, test=0.99, model=model)
+    registry.register_runs(runs, "03", client=client)
+    assert client.get_model_version_by_alias(name, "champion").tags["medmat.arm"] == "fixed_area-04-28/related"
+    make_run(store, runs, "search_best", 0, dev=0.875, test=0.10, model=model)
+    moved = [o for o in registry.register_runs(runs, "03", client=client) if o.moved]
+    assert [o.arm for o in moved] == ["search_best"]
+    assert client.get_model_version_by_alias(name, "champion").tags["medmat.arm"] == "search_best"
+    # never backwards: a worse arm registered later does not take it
+    make_run(store, runs, "modality_area-04-28/related", 0, dev=0.50, test=1.0, model=model)
+    registry.register_runs(runs, "03", client=client)
+    assert client.get_model_version_by_alias(name, "champion").tags["medmat.arm"] == "search_best"
 
 
-def test_subset_label_tag_and_run_without_model(store, tmp_path, model_dir):
-    """Runs tagged "03" (the pipeline's folder label) join the triplet's model; a run without a logged
-    model is skipped, not fatal."""
+def test_mini_world_champion_does_not_block_a_real_data_model(store, tmp_path, model_dir):
     import mlflow
 
     model, _ = model_dir
     runs = tmp_path / "runs"
-    make_run(store, runs, "related_fixed_area", 0, 0.6, model, triplet="28")
-    bare = runs / "03" / "bare" / "seed0"
-    bare.mkdir(parents=True)
-    with tracking.tracked_run(store, run_name="bare", tags=tracking.run_tags(target="28", arm="bare")) as run:
-        pass
-    tracking.write_run_id(bare, run.info.run_id)
-    (bare / "metrics.json").write_text(json.dumps({"accuracy": 0.9, "ci95": [0.8, 0.95], "n": 100}))
-    out = registry.register_runs(runs, client=mlflow.MlflowClient())
-    assert [(o.name, o.version) for o in out] == [("medmat-X-ray-Lung-COVID", "1")]
+    client = mlflow.MlflowClient(store.tracking_uri)
+    make_run(store, runs, "fixed_area-04-28/related", 0, dev=0.95, test=0.95, model=model, triplet="MRI-Brain-Cancer")
+    real = tmp_path / "real"
+    make_run(store, real, "fixed_area-04-28/related", 0, dev=0.40, test=0.40, model=model, world="medmat",
+             backend="hf", triplet="MRI-Brain-Cancer")
+    registry.register_runs(runs, client=client)
+    out = registry.register_runs(real, client=client)
+    assert [(o.name, o.version, o.champion) for o in out] == [("medmat-real-hf-MRI-Brain-Cancer", "1", True)]
+    assert client.get_model_version_by_alias("medmat-mini-tiny-MRI-Brain-Cancer", "champion").tags[
+        "medmat.mean_dev_accuracy"] == "0.95"
 
 
-def test_bad_run_dir_is_a_clear_error(store, tmp_path, model_dir):
+def test_candidate_without_model_or_dev_is_skipped_and_bad_files_are_named(store, tmp_path, model_dir):
     import mlflow
 
-    run_dir = tmp_path / "runs" / "03" / "x" / "seed0"
-    run_dir.mkdir(parents=True)
-    (run_dir / "mlflow_run_id").write_text("nope\n")
-    (run_dir / "metrics.json").write_text(json.dumps({"n": 3}))
-    with pytest.raises(registry.RegistryError, match=r"metrics\.json.*accuracy"):
-        registry.register_runs(tmp_path / "runs", client=mlflow.MlflowClient())
+    model, _ = model_dir
+    runs = tmp_path / "runs"
+    make_run(store, runs, "fixed_area-04-28/related", 0, dev=0.6, test=0.6, model=model, target="28",
+             triplet="X-ray-Lung-COVID")
+    make_run(store, runs, "fixed_task-04-28/related", 0, dev=0.9, test=0.9, model=None, target="28",
+             triplet="X-ray-Lung-COVID")                        # tracking was off: no logged model
+    nodev = make_run(store, runs, "modality_area-04-28/related", 0, dev=0.95, test=0.9, model=model, target="28",
+                     triplet="X-ray-Lung-COVID")
+    m = json.loads((nodev / "metrics.json").read_text())
+    (nodev / "metrics.json").write_text(json.dumps({**m, "dev_accuracy": None}))  # no dev split: not judged
+    out = registry.register_runs(runs, client=mlflow.MlflowClient(store.tracking_uri))
+    assert [(o.name, o.arm) for o in out] == [("medmat-mini-tiny-X-ray-Lung-COVID", "fixed_area-04-28/related")]
+
+    bad = tmp_path / "bad" / "03" / "x" / "seed0"
+    bad.mkdir(parents=True)
+    (bad / "mlflow_run_id").write_text("nope\n")
+    (bad / "metrics.json").write_text(json.dumps({"candidate": True, "dev_accuracy": 0.5}))
+    with pytest.raises(registry.RegistryError, match=r"metrics\.json.*without \['world', 'backend', 'target', 'arm', 'seed'\]"):
+        registry.register_runs(tmp_path / "bad", client=mlflow.MlflowClient(store.tracking_uri))
+    with pytest.raises(ValueError, match="dev split"):
+        registry.RegisterConfig(metric="accuracy")
 
 
 def test_champion_pyfunc_answers_and_server_serves_it(store, tmp_path, model_dir):
@@ -148,9 +193,10 @@ def test_champion_pyfunc_answers_and_server_serves_it(store, tmp_path, model_dir
 
     model, image = model_dir
     runs = tmp_path / "runs"
-    make_run(store, runs, "related_fixed_area", 0, 0.8, model, triplet="MRI-Brain-Cancer")
-    registry.register_runs(runs, "03", client=mlflow.MlflowClient())
-    name = "medmat-MRI-Brain-Cancer"
+    make_run(store, runs, "fixed_area-04-28/related", 0, dev=0.8, test=0.8, model=model, target="06",
+             triplet="CT-Brain-Cancer")
+    registry.register_runs(runs, "06", client=mlflow.MlflowClient(store.tracking_uri))
+    name = "medmat-mini-tiny-CT-Brain-Cancer"
 
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     answers = loaded.predict(pd.DataFrame({"image": [str(image)], "question_choice": [QC]}))
@@ -169,4 +215,4 @@ def test_champion_pyfunc_answers_and_server_serves_it(store, tmp_path, model_dir
         q = urllib.parse.urlencode({"name": name, "alias": "champion"})
         with urllib.request.urlopen(f"{base}/alias?{q}", timeout=5) as r:
             mv = json.loads(r.read())["model_version"]
-        assert mv["version"] == "1" and any(t["key"] == "medmat.test_accuracy" for t in mv["tags"])
+        assert mv["version"] == "1" and any(t["key"] == "medmat.mean_dev_accuracy" for t in mv["tags"])
