@@ -9,126 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from validate_world import (  # noqa: F401 - clean_world and world are fixtures
+    ORI2_TRAIN, ORI3_TEST, PER_LABEL, SAMPLE, WORLD, _png, _write, assert_names, build_world, clean_world,
+    failing, ingest, pipeline, read, set_cell, tamper, validate, world,
+)
 
-from medmat.cli import main
 from medmat.data.medmat_format import format_question_choice, relative_path
 from medmat.validate import CHECKS, ValidateParams
-
-# dataset -> labels of its subset (2: CT kidney; 3 and 4: CT lung COVID, one subset of two datasets)
-WORLD = {2: ["Cyst", "Normal", "Stone", "Tumor"], 3: ["COVID-19", "Non-COVID", "Normal"],
-         4: ["COVID-19", "Non-COVID", "Normal"]}
-PER_LABEL = {"train": 3, "test": 2}
-SAMPLE = Path(__file__).parent / "fixtures" / "medmat_sample_record.json"
-
-
-def _png(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(seed).integers(0, 255, (12, 12), dtype=np.uint8)
-    Image.fromarray(arr).save(path)
-
-
-def _write(root: Path, dataset: int, split: str, records: list) -> Path:
-    path = root / relative_path("dataset", dataset, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    return path
-
-
-def _record(i: int, dataset: int, label: str, labels: list[str], image: str) -> dict:
-    # Rotate the options so answer letters vary; every label is a distractor somewhere.
-    options = labels[i % len(labels):] + labels[: i % len(labels)]
-    return {"id": i, "caption": label, "image": image, "Question": "Which condition?", "Answer": label,
-            "Question-choice": format_question_choice("Which condition?", options),
-            "Answer-choice": "ABCD"[options.index(label)], "data-no": str(dataset)}
-
-
-def build_world(root: Path) -> Path:
-    seed = 0
-    for dataset, labels in WORLD.items():
-        for split, per in PER_LABEL.items():
-            recs = []
-            for label in labels:
-                for _ in range(per):
-                    seed += 1
-                    image = f"med-mat/d{dataset}/{split}/{seed}.png"
-                    _png(root / image, seed)
-                    recs.append(_record(len(recs) + 1, dataset, label, labels, image))
-            _write(root, dataset, split, recs)
-    return root
-
-
-def read(root: Path, dataset: int, split: str) -> list:
-    return json.loads((root / relative_path("dataset", dataset, split)).read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def clean_world(tmp_path_factory) -> Path:
-    return build_world(tmp_path_factory.mktemp("clean") / "data")
-
-
-@pytest.fixture
-def world(clean_world, tmp_path) -> Path:
-    root = tmp_path / "data"
-    shutil.copytree(clean_world, root)
-    return root
-
-
-def ingest(root: Path) -> Path:
-    out = root.parent / "work" / "records.parquet"
-    main(["ingest", "--data", str(root), "--out", str(out), "--params", str(root.parent / "none.yaml")])
-    return out
-
-
-def validate(root: Path, records: Path | None = None, params: dict | None = None) -> tuple[int, dict]:
-    records = records or root.parent / "work" / "records.parquet"
-    params_file = root.parent / "params.yaml"
-    params_file.write_text(json.dumps({"validate": params or {}}), encoding="utf-8")
-    report = root.parent / "work" / "validation.json"
-    code = main(["validate", "--data", str(root), "--records", str(records), "--report", str(report),
-                 "--params", str(params_file)])
-    return code, json.loads(report.read_text(encoding="utf-8"))
-
-
-def pipeline(root: Path, params: dict | None = None) -> tuple[int, dict]:
-    ingest(root)
-    return validate(root, params=params)
-
-
-def failing(report: dict) -> dict[str, dict]:
-    return {c["check"]: c for c in report["checks"] if not c["ok"]}
-
-
-def assert_names(report: dict, check: str, file: str, record_id: str | None) -> dict:
-    """The check failed and one listed failure names this file and record, with a message."""
-    bad = failing(report)
-    assert check in bad, f"{check} did not fail; failing: {sorted(bad)}"
-    hits = [f for f in bad[check]["failures"] if f["file"] == file and f["record_id"] == record_id]
-    assert hits, f"{check}: no failure names {file} / {record_id}: {bad[check]['failures'][:3]}"
-    assert hits[0]["message"] and hits[0]["expectation"]
-    return hits[0]
-
-
-def tamper(records: Path, fn) -> None:
-    """Rewrite the records table in place (as another tool might), keeping schema and metadata."""
-    table = pq.read_table(records)
-    df = table.to_pandas()
-    fn(df)
-    import pyarrow as pa
-    pq.write_table(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False), records)
-
-
-def set_cell(df, record_id: str, column: str, value) -> None:
-    df.loc[df.index[df["record_id"] == record_id][0], column] = value
-
-
-ORI2_TRAIN = relative_path("dataset", 2, "train")
-ORI3_TEST = relative_path("dataset", 3, "test")
 
 
 # ---- clean input -----------------------------------------------------------------------------------
@@ -227,13 +116,12 @@ def test_answer_outside_label_set(world):
 
 
 def test_duplicate_record_id(world):
-    recs = read(world, 2, "train")
-    recs[3]["id"] = recs[2]["id"]
-    _write(world, 2, "train", recs)
-    code, report = pipeline(world)
+    # Ingest makes ids unique (and warns about a file's repeated ids); a table edited afterwards may not.
+    records = ingest(world)
+    tamper(records, lambda df: set_cell(df, "ori02-train-4", "record_id", "ori02-train-3"))
+    code, report = validate(world)
     assert code == 1
-    rid = f"ori02-train-{recs[2]['id']}"
-    assert_names(report, "record_id_unique", ORI2_TRAIN, rid)
+    assert_names(report, "record_id_unique", ORI2_TRAIN, "ori02-train-3")
     assert failing(report)["record_id_unique"]["failed"] == 2
 
 
@@ -263,18 +151,22 @@ def test_path_escape_in_json_reported_from_ingest(world):
     assert_names(report, "ingest.path_escape", ORI2_TRAIN, int(rid.rsplit("-", 1)[1]))
 
 
-def test_missing_image(world):
-    recs = read(world, 2, "train")
-    (world / recs[4]["image"]).unlink()
-    code, report = pipeline(world)
+def test_image_removed_after_ingest(world):
+    # Ingest leaves out records whose images are absent; one that vanishes later is in the table.
+    ingest(world)
+    (world / read(world, 2, "train")[4]["image"]).unlink()
+    code, report = validate(world)
     assert code == 1
-    assert "cannot read" in assert_names(report, "image_readable", ORI2_TRAIN, "ori02-train-5")["message"]
+    assert "absent" in assert_names(report, "image_present", ORI2_TRAIN, "ori02-train-5")["message"]
 
 
 def test_train_test_leakage(world):
+    # Ingest keeps one image on one side of a subset; a table edited afterwards may not.
+    records = ingest(world)
     train, test = read(world, 3, "train"), read(world, 3, "test")
-    shutil.copyfile(world / train[0]["image"], world / test[0]["image"])   # same bytes, other name
-    code, report = pipeline(world)
+    tamper(records, lambda df: set_cell(df, f"ori03-test-{test[0]['id']}", "image_sha256",
+                                        df.loc[df["record_id"] == f"ori03-train-{train[0]['id']}", "image_sha256"].iat[0]))
+    code, report = validate(world)
     assert code == 1
     hit = assert_names(report, "train_test_leakage", ORI3_TEST, f"ori03-test-{test[0]['id']}")
     assert "subset 03" in hit["message"]
@@ -301,8 +193,9 @@ def test_severity_override_changes_exit_code(world):
     # ... and the other way: a critical check demoted to a warning no longer fails the stage.
     shutil.rmtree(world)
     build_world(world)
+    ingest(world)
     (world / read(world, 2, "train")[4]["image"]).unlink()
-    code, _ = pipeline(world, params={"severity": {"image_readable": "warning"}})
+    code, _ = validate(world, params={"severity": {"image_present": "warning"}})
     assert code == 0
 
 
@@ -312,14 +205,16 @@ def _good_records_still_there(report, lost_file_records=0, lost=0):
     assert report["records"] == total - lost_file_records - lost
 
 
-def test_malformed_json(world):
+def test_truncated_json(world):
+    # Ingest keeps the records before the cut (medmat.data.json_records); validate fails on the rest.
     path = world / ORI2_TRAIN
     path.write_text(path.read_text(encoding="utf-8")[:-40], encoding="utf-8")
     code, report = pipeline(world)
     assert code == 1
-    hit = assert_names(report, "ingest.json", ORI2_TRAIN, None)
-    assert "malformed JSON" in hit["message"]
-    _good_records_still_there(report, lost_file_records=12)
+    bad = failing(report)
+    hits = [f for c, v in bad.items() if c.startswith("ingest.") for f in v["failures"] if f["file"] == ORI2_TRAIN]
+    assert hits and all(f["message"] for f in hits), sorted(bad)
+    _good_records_still_there(report, lost=1)
 
 
 def test_non_utf8(world):
@@ -327,8 +222,8 @@ def test_non_utf8(world):
     path.write_bytes(path.read_bytes().replace(b'"Cyst"', b'"Cyst\xe9"', 1))
     code, report = pipeline(world)
     assert code == 1
-    assert "UTF-8" in assert_names(report, "ingest.encoding", ORI2_TRAIN, None)["message"]
-    _good_records_still_there(report, lost_file_records=12)
+    assert "UTF-8" in assert_names(report, "ingest.encoding", ORI2_TRAIN, 1)["message"]
+    _good_records_still_there(report, lost=1)
 
 
 def test_wrong_type(world):

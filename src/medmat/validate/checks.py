@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medmat.catalog import Catalog, CatalogError
+from medmat.validate.image_checks import ABSENT, NOT_CHECKED, OK, codes_of, image_columns
+from medmat.validate.leakage import exact_partners, near_partners
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,20 @@ CHECKS: dict[str, tuple[str, str]] = {
     "answer_in_label_set": (CRITICAL, "the answer is a label of its subset (offered as a distractor elsewhere)"),
     "record_id_unique": (CRITICAL, "record ids are unique"),
     "image_path_confined": (CRITICAL, "image paths stay inside the data root (no absolute, '..' or escaping link)"),
-    "image_readable": (CRITICAL, "the image exists and decodes"),
+    "image_present": (CRITICAL, "the image file exists (ingest leaves out records whose images are absent, "
+                                "one warning per dataset; an absent one here means the table is older than the data)"),
+    "image_readable": (CRITICAL, "the image is a regular file that decodes (not empty, truncated, a bomb, a FIFO ...)"),
     "train_test_leakage": (CRITICAL, "no image content is in both train and test of a subset"),
+    # Warnings: a property of the published release that `medmat designs` handles (it drops training
+    # records matching a target's dev/test image); see medmat.validate.leakage for the why.
+    "cross_subset_duplicate": (WARNING, "no image content (sha256) is in two subsets"),
+    "near_duplicate": (WARNING, "no two different images within validate.phash_distance bits of perceptual hash "
+                                "are in two subsets, or in train and test of one"),
     "test_label_balance": (WARNING, "test sets are label-balanced (largest/smallest label count)"),
     "ingest_problems": (CRITICAL, "bad input found by ingest (malformed JSON, wrong types, ...)"),
 }
 
 IMAGE_MODES = ("decode", "exists", "skip")
-NOT_CHECKED = "not checked"
 
 
 @dataclass
@@ -63,6 +69,7 @@ class ValidateParams:
     workers: int = 0                  # image decode threads; 0 = one per CPU
     label_set_min_records: int = 10   # subsets smaller than this have too few records to know their labels
     balance_max_ratio: float = 1.5    # test set: largest / smallest label count above this is reported
+    phash_distance: int = 4           # near duplicates: perceptual hashes at most this many bits apart (of 64)
 
     def __post_init__(self) -> None:
         self.severity = dict(self.severity or {})
@@ -75,6 +82,8 @@ class ValidateParams:
             raise ValueError(f"images must be one of {IMAGE_MODES}, got {self.images!r}")
         if self.max_listed < 1:
             raise ValueError(f"max_listed must be >= 1, got {self.max_listed}")
+        if not 0 <= self.phash_distance <= 16:
+            raise ValueError(f"phash_distance must be in 0..16 bits (of 64), got {self.phash_distance}")
         if self.balance_max_ratio < 1:
             raise ValueError(f"balance_max_ratio must be >= 1, got {self.balance_max_ratio}")
 
@@ -85,6 +94,7 @@ class ValidateParams:
 # Columns of the records table the checks read (docs/ARCHITECTURE.md).
 NEEDED = ["record_id", "source_file", "dataset_no", "subset_no", "modality", "area", "task", "split",
           "image", "image_sha256", "options", "answer_letter", "answer_text"]
+OPTIONAL = ["image_phash"]   # written by newer ingests; validate hashes the decoded images otherwise
 
 
 def _triplet_of(cat: Catalog, kind: str, no: int) -> str | None:
@@ -109,62 +119,79 @@ def _options_array(options: pd.Series) -> pa.ListArray:
 
 
 def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLike,
-            params: ValidateParams, progress: bool = False) -> pd.DataFrame:
-    """The frame GX validates: identifying columns, the records' checked columns and computed ones."""
+            params: ValidateParams, progress: bool = False) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """(the frame GX validates, the label set of each test set's group).
+
+    The frame holds identifying columns, the records' checked columns and computed ones. Strings stay
+    categorical (read_records_table) or become object arrays sharing one string per distinct value:
+    at 2.4M records a string per row would cost gigabytes.
+    """
     missing = [c for c in NEEDED if c not in records.columns]
     if missing:
         raise ValueError(f"records table lacks column(s) {missing} (see docs/ARCHITECTURE.md)")
     n = len(records)
     f = pd.DataFrame({c: records[c] for c in ["record_id", "source_file", "dataset_no", "modality", "area",
-                                              "split", "image", "answer_letter", "answer_text"]})
+                                              "split", "image", "answer_letter", "answer_text", "image_sha256"]})
     f["_row"] = np.arange(n)
     subset = records["subset_no"].astype("Int64")
     has_subset = subset.notna().to_numpy()
     # Records of datasets without a subset have no task element (ingest warns); nothing to check there.
     f["task"] = records["task"].where(has_subset, None)
 
-    # Triplets: as carried by the record, and as the catalogue gives for its dataset and its subset.
-    f["triplet"] = (records["modality"].astype(str) + "-" + records["area"].astype(str) + "-"
-                    + records["task"].astype(str))
+    # Triplets: as carried by the record, and as the catalogue gives for its dataset and its subset,
+    # spelled once per distinct combination.
+    parts = [codes_of(records[c]) for c in ("modality", "area", "task")]
+    base = max(len(u) for _, u in parts) + 1
+    combo, combos = pd.factorize(sum(code * base ** i for i, (code, _) in enumerate(parts)))
+    spelled = np.array([None] * len(combos), dtype=object)
+    for j, rep in enumerate(_first_index(combo, len(combos))):
+        spelled[j] = "-".join(str(u[code[rep]]) for code, u in parts)
+    triplet = np.where(has_subset, spelled[combo], None)       # no task element: pair checks skip these rows
+    f["triplet"] = triplet
     ds_nos = records["dataset_no"].astype("int64")
-    ds_map = {int(d): _triplet_of(catalog, "dataset", int(d)) for d in ds_nos.unique()}
-    f["dataset_triplet"] = ds_nos.map(ds_map).where(has_subset, None)
-    f.loc[~has_subset, "triplet"] = None   # no task element: pair checks skip these rows
-    sub_map = {int(s): _triplet_of(catalog, "subset", int(s)) for s in subset.dropna().unique()}
+    d_code, d_vals = pd.factorize(ds_nos)
+    d_code = d_code.astype(np.int64)
+    ds_trip = np.array([_triplet_of(catalog, "dataset", int(d)) for d in d_vals] + [None], dtype=object)
+    f["dataset_triplet"] = np.where(has_subset, ds_trip[d_code], None)
+    s_code, s_vals = pd.factorize(subset.fillna(0).to_numpy(dtype=np.int64))
+    sub_trip = np.array([_triplet_of(catalog, "subset", int(v)) if v else None for v in s_vals], dtype=object)
     f["subset_no"] = subset
-    f["subset_triplet"] = subset.map(sub_map).astype(object).where(has_subset, None)
+    f["subset_triplet"] = np.where(has_subset, sub_trip[s_code], None)
     # Distinct triplets per dataset, on integer codes (a string groupby is slow at millions of rows).
-    t_code = pd.factorize(f["triplet"])[0].astype(np.int64)          # -1: no triplet (no subset)
-    d_code = pd.factorize(ds_nos)[0].astype(np.int64)
-    width = int(t_code.max()) + 1 if n else 1
+    t_code = np.where(has_subset, combo, -1).astype(np.int64)
+    width = len(combos) + 1
     pairs = _distinct(d_code[t_code >= 0] * width + t_code[t_code >= 0])
-    per_dataset = np.bincount(pairs // width, minlength=int(d_code.max()) + 1 if n else 0)
+    per_dataset = np.bincount(pairs // width, minlength=len(d_vals))
     f["dataset_triplet_count"] = per_dataset[d_code] if n else np.zeros(0, dtype=np.int64)
 
     # Options, vectorised through Arrow: count, distinct count, the text under the answer letter.
     opts = _options_array(records["options"])
     n_opt = pc.fill_null(pc.list_value_length(opts), 0).to_numpy().astype(np.int64)
     flat = pc.list_flatten(opts)
-    parent = pc.list_parent_indices(opts).to_numpy()
-    # One integer code per text (options and answers together), by Arrow's dictionary encoding:
-    # millions of option strings never become Python objects.
-    answers = pa.array(records["answer_text"], type=pa.string(), from_pandas=True)
-    if isinstance(answers, pa.ChunkedArray):   # pandas' Arrow-backed strings come chunked
-        answers = answers.combine_chunks()
-    enc = pc.dictionary_encode(pc.fill_null(pa.concat_arrays([flat, answers]), ""))
-    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    texts = enc.dictionary.to_numpy(zero_copy_only=False)
-    flat_code, answer_code = codes[: len(flat)], codes[len(flat):]
+    parent = pc.list_parent_indices(opts).to_numpy().astype(np.int64)
+    # One integer code per text (options and answers together), by Arrow's dictionary encoding of the
+    # options and a look-up of the few distinct answers: option strings never become Python objects.
+    enc = pc.dictionary_encode(pc.fill_null(flat, ""))
+    flat_code = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    texts = list(enc.dictionary.to_pylist())
+    index = {t: i for i, t in enumerate(texts)}
+    acodes_of, a_vals = codes_of(records["answer_text"])
+    a_map = np.array([index.setdefault(str(v), len(index)) for v in a_vals], dtype=np.int64)
+    texts += list(index)[len(texts):]
+    texts = np.array(texts, dtype=object)
+    answer_code = a_map[acodes_of]
     k = len(texts) + 1
-    pair = _distinct(parent.astype(np.int64) * k + flat_code)
+    pair = _distinct(parent * k + flat_code)
     f["n_options"] = n_opt
     f["n_distinct_options"] = np.bincount(pair // k, minlength=n)[:n]
-    letter_idx = records["answer_letter"].map(
-        {chr(65 + i): i for i in range(26)}).fillna(-1).astype(np.int64).to_numpy()
+    lcodes_of, l_vals = codes_of(records["answer_letter"])
+    letter_of = np.array([ord(v) - 65 if isinstance(v, str) and len(v) == 1 and "A" <= v <= "Z" else -1
+                          for v in l_vals], dtype=np.int64)
+    letter_idx = letter_of[lcodes_of]
     valid = (letter_idx >= 0) & (letter_idx < n_opt)
     offsets = opts.offsets.to_numpy()[:n] - opts.offsets[0].as_py()   # positions in `flat`
-    take = pa.array(np.where(valid, offsets + letter_idx, 0), mask=~valid)
-    f["answer_option"] = pc.take(flat, take).to_pandas()
+    f["answer_option"] = np.where(valid, texts[flat_code[np.where(valid, offsets + letter_idx, 0)]]
+                                  if len(flat_code) else None, None)
 
     # Label set of a subset (of the dataset, when it has none): the texts offered as distractors in
     # its records. Distractors are drawn from the subset's other labels, so every real label turns up
@@ -174,102 +201,50 @@ def prepare(records: pd.DataFrame, catalog: Catalog, data_root: str | os.PathLik
     group_code = group_code.astype(np.int64)
     distractor = flat_code != answer_code[parent]
     label_keys = _distinct(group_code[parent][distractor] * k + flat_code[distractor])
-    in_set = np.isin(group_code * k + answer_code, label_keys)
+    answer_key = group_code * k + answer_code
+    in_set = np.isin(answer_key, label_keys)
+    # ... or an answer many records give: when a partial download leaves a subset with the records of
+    # one label only, that label is offered as a distractor nowhere, yet it is no typo.
+    ak_code, _ = pd.factorize(answer_key)
+    common = np.bincount(ak_code)[ak_code] >= params.label_set_min_records
     small = np.bincount(group_code)[group_code] < params.label_set_min_records
-    f["answer_in_label_set"] = in_set | small
+    f["answer_in_label_set"] = in_set | small | common
     f["_group"] = group
     # Every option text of a test set's subset is one of its labels: the balance report counts them all,
     # so a label missing from the test set shows as 0 rather than vanishing.
     all_pairs = _distinct(group_code[parent] * k + flat_code)
     labels_of = pd.Series(texts[all_pairs % k], dtype=object).groupby(
         all_pairs // k).agg(lambda s: sorted(set(s)))
-    f.attrs["labels"] = {int(g): labels_of.get(c, []) for c, g in enumerate(group_of_code)}
+    labels = {int(g): labels_of.get(c, []) for c, g in enumerate(group_of_code)}
     f["_group_size"] = np.bincount(group_code)[group_code]
 
-    # Leakage: one image content (sha256) in both train and test of one subset.
-    sha = records["image_sha256"].fillna("").astype(str)
-    sha_code, _ = pd.factorize(sha)
-    is_test = (records["split"] == "test").to_numpy()
-    key = group_code * (int(sha_code.max()) + 2 if n else 1) + sha_code
-    key_code, _ = pd.factorize(key)
-    n_keys = int(key_code.max()) + 1 if n else 0
-    tests = np.bincount(key_code, weights=is_test, minlength=n_keys)
-    trains = np.bincount(key_code, weights=~is_test, minlength=n_keys)
-    f["leaks"] = ((tests[key_code] > 0) & (trains[key_code] > 0) & (sha != "").to_numpy())
-    f["image_sha256"] = sha
+    # Images: link escapes, existence and decoding, perceptual hashes (once per distinct image).
+    phash = records["image_phash"] if "image_phash" in records.columns else None
+    i_code, escapes, status, hashes = image_columns(records["image"], records["image_sha256"], phash, data_root,
+                                                    params.images, params.workers, progress)
+    f["image_link_escapes"] = escapes[i_code]
+    # Absent files and broken ones are two checks: a partial download is not a corrupt image.
+    f["image_present"] = (status != ABSENT)[i_code]
+    f["image_status"] = np.where(status == ABSENT, NOT_CHECKED, status)[i_code]
 
-    # Images: paths that escape through a link, then existence and decoding (once per content).
-    f["image_link_escapes"], f["image_status"] = image_columns(records, data_root, params, progress)
-    return f
+    # Leakage, exact (sha256) and near (perceptual hash), over the whole table (medmat.validate.leakage).
+    sha_code, sha_vals = pd.factorize(records["image_sha256"], use_na_sentinel=True)
+    sha_code = np.where(np.append(np.asarray(sha_vals, dtype=object) == "", True)[sha_code], -1,
+                        sha_code).astype(np.int64)   # "" and missing: content unknown
+    is_test = (records["split"] == "test").to_numpy(dtype=bool, na_value=False)
+    exact = exact_partners(sha_code, group, is_test)
+    f["leaks"] = exact["leaks"]
+    f["dup_partner"] = exact["dup_partner"]                       # a row in another subset, or -1
+    h_code, h_vals = pd.factorize(hashes)                         # per distinct image path
+    h_vals = np.asarray(h_vals, dtype=object)
+    h_code = np.where(h_vals[h_code] == "", -1, h_code)[i_code] if len(hashes) else np.full(n, -1)
+    f["near_partner"], f["near_distance"] = near_partners(sha_code, h_code, h_vals, group, is_test,
+                                                          params.phash_distance)
+    f.attrs["phash_known"] = int((h_code >= 0).sum())
+    return f, labels
 
 
-_LEXICAL_ESCAPE = r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
-
-
-def image_columns(records: pd.DataFrame, data_root: str | os.PathLike, params: ValidateParams,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(link escapes, status) per record; status is 'ok', NOT_CHECKED or what is wrong with the image."""
-    from medmat.data.images import ImageError, load_image
-
-    images = records["image"].fillna("").astype(str)
-    codes, uniques = pd.factorize(images)
-    root = Path(data_root)
-    escapes = np.zeros(len(uniques), dtype=bool)
-    paths: list[Path | None] = []
-    lexical = pd.Series(uniques, dtype=object).str.contains(_LEXICAL_ESCAPE, regex=True).to_numpy()
-    # Link escapes: resolve each directory once and only the files that are links themselves.
-    # (resolve_image_path resolves the root and every component per call: ~0.6 ms per image, which
-    # at the release's ~1M images is minutes; this is the same rule.)
-    root_real = os.path.realpath(root)
-    dirs: dict[str, str] = {}
-    for i, rel in enumerate(uniques):
-        if lexical[i] or not rel:
-            paths.append(None)   # absolute or '..': the regex expectation reports it
-            continue
-        full = os.path.join(root_real, rel)
-        head, tail = os.path.split(full)
-        real_dir = dirs.get(head)
-        if real_dir is None:
-            real_dir = dirs[head] = os.path.realpath(head)
-        real = os.path.realpath(full) if os.path.islink(full) else os.path.join(real_dir, tail)
-        if not real.startswith(root_real + os.sep):
-            escapes[i] = True
-            paths.append(None)
-        else:
-            paths.append(Path(real))
-    status = np.full(len(uniques), NOT_CHECKED, dtype=object)
-    if params.images != "skip":
-        # Decode each content once: the release repeats one image across many records (and the
-        # full-scale benchmark cycles a small pool), so key by the ingest's sha256 where known.
-        sha = records["image_sha256"].fillna("").astype(str).to_numpy()
-        first_sha = np.full(len(uniques), "", dtype=object)
-        first_sha[codes[::-1]] = sha[::-1]   # any one record's hash per unique path
-        by_key: dict[str, list[int]] = {}
-        for i, p in enumerate(paths):
-            if p is not None:
-                by_key.setdefault(first_sha[i] or f"path:{p}", []).append(i)
-
-        def probe(i: int) -> str:
-            p = paths[i]
-            if params.images == "exists":
-                try:
-                    return "ok" if p.stat().st_size > 0 else "image file is empty (0 bytes)"
-                except OSError as exc:
-                    return f"image file cannot be read ({exc.strerror or exc})"
-            try:
-                load_image(p)
-                return "ok"
-            except ImageError as exc:
-                return str(exc).replace(f"{p}: ", "", 1)
-
-        reps = [v[0] for v in by_key.values()]
-        workers = params.workers or os.cpu_count() or 1
-        from tqdm import tqdm
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(tqdm(pool.map(probe, reps, chunksize=64), total=len(reps), desc="images",
-                                unit="img", disable=not progress))
-        for members, result in zip(by_key.values(), results):
-            for i in members:
-                # A missing file has no hash, so it is keyed by path; paths sharing a hash share bytes.
-                status[i] = result
-    return escapes[codes], status[codes]
+def _first_index(code: np.ndarray, ncodes_of: int) -> np.ndarray:
+    first = np.zeros(ncodes_of, dtype=np.int64)
+    first[code[::-1]] = np.arange(len(code) - 1, -1, -1)
+    return first
