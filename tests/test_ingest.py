@@ -288,3 +288,244 @@ def test_other_side_test_file_is_honoured(tmp_path):
     assert len(df) == 30 and summary.duplicates_skipped == 30
     assert df.set_index("record_id").split.to_dict() == {
         f"ori02-train-{i}": ("test" if i > 25 else "train") for i in range(1, 31)}
+
+
+# ---- the release as it is published (tests/fixtures/release_trees.py) ------------------------------
+from fixtures import release_trees as trees  # noqa: E402
+
+
+def _cli_ingest(root: Path, out: Path, tmp_path: Path, *extra: str) -> int:
+    return main(["ingest", "--data", str(root), "--out", str(out), *_no_params(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("layout", trees.LAYOUTS)
+@pytest.mark.parametrize("side", ["datasets", "subsets"])
+def test_every_layout_counts_each_record_once(tmp_path, layout, side, capsys):
+    root = tmp_path / "data"
+    recs = trees.build(root, layout)
+    out = tmp_path / "records.parquet"
+    assert _cli_ingest(root, out, tmp_path, "--read", side) == 0
+    df = read_records(out)
+    expected = {(d, r["image"]) for d, rs in recs.items() for r in rs}
+    assert len(df) == len(expected) and set(zip(df.dataset_no, df.image)) == expected
+    assert df.record_id.is_unique
+    assert not [p for p in read_problems(out) if p["severity"] == "critical"]
+    n_files = len(trees.SUBSET_FILES) + (0 if layout == "subsets_only" else len(trees.DATASETS))
+    assert f"found {n_files} Med-MAT JSON files" in capsys.readouterr().out
+
+
+def test_subset_files_concatenating_datasets_get_distinct_ids(tmp_path):
+    root = tmp_path / "data"
+    trees.build(root, "subsets_only")
+    df, problems, summary = ingest(root, IngestParams(read="subsets"))
+    # Each dataset restarts at id 1 inside Subset--03: the dataset number keeps the ids apart.
+    assert {"sub03-d03-train-1", "sub03-d04-train-1", "sub03-d06-train-1"} <= set(df.record_id)
+    # Dataset 44 sits in the files of subsets 18 and 22: counted once, in the subset of the file read first.
+    d44 = df[df.dataset_no == 44]
+    assert len(d44) == 4 and set(d44.subset_no) == {18} and summary.duplicates_skipped == 4
+    warn = [p for p in problems if p["check"] == "subset_mismatch"]
+    assert len(warn) == 1 and warn[0]["severity"] == "warning" and warn[0]["file"].endswith("Subset--18-train.json")
+    assert "4 record(s) of dataset 44" in warn[0]["message"] and "subset 22" in warn[0]["message"]
+    by_ds, _, _ = ingest(root.parent / "data", IngestParams(read="datasets"))   # no ori files: same records
+    assert len(by_ds) == len(df)
+
+
+def test_derived_test_split_is_balanced_per_subset(tmp_path):
+    # Subset 03 from three datasets, each with its own labels: balance is the subset's, not each file's.
+    root = tmp_path / "data"
+    for d, labels in ((3, ("COVID-19",)), (4, ("Normal",)), (6, ("Pneumonia",))):
+        trees.write(root, f"Original_Medical_Datasets/ori--{d:02d}-train.json",
+                    trees.dataset_records(root, d, labels=labels, n=40))
+    # An image of dataset 3 copied (same bytes, other path) into dataset 4: one side of the split only.
+    ds3 = json.loads((root / "Original_Medical_Datasets/ori--03-train.json").read_text())
+    ds4 = json.loads((root / "Original_Medical_Datasets/ori--04-train.json").read_text())
+    for r in ds3[:10]:
+        copy_rel = r["image"].replace("ds 3", "ds 4 copy")
+        (root / copy_rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / copy_rel).write_bytes((root / r["image"]).read_bytes())
+        ds4.append(r | {"image": copy_rel, "data-no": "4", "id": len(ds4) + 1})
+    trees.write(root, "Original_Medical_Datasets/ori--04-train.json", ds4)
+    df, _, _ = ingest(root, IngestParams(seed=0, test_fraction=0.1))
+    test = df[df.split == "test"]
+    assert test.answer_text.value_counts().to_dict() == {"COVID-19": 4, "Normal": 4, "Pneumonia": 4}
+    assert not set(test.image_sha256) & set(df[df.split == "train"].image_sha256)
+    again, _, _ = ingest(root, IngestParams(seed=0, test_fraction=0.1))
+    assert again.split.tolist() == df.split.tolist()
+    other, _, _ = ingest(root, IngestParams(seed=1, test_fraction=0.1))
+    assert other.split.tolist() != df.split.tolist()
+
+
+def test_partial_download_is_one_warning_per_dataset(tmp_path, capsys):
+    root = tmp_path / "data"
+    recs = trees.build(root, "release")
+    import shutil
+    shutil.rmtree(root / "med-mat" / "ds 4 (set)")                 # dataset 4 needs registration
+    out = tmp_path / "records.parquet"
+    assert _cli_ingest(root, out, tmp_path) == 0
+    problems = read_problems(out)
+    assert [(p["check"], p["severity"]) for p in problems] == [("images_missing", "warning")]
+    assert "dataset 4 (" in problems[0]["message"] and "4 record(s)" in problems[0]["message"]
+    df = read_records(out)
+    assert len(df) == sum(len(r) for d, r in recs.items() if d != 4) and 4 not in set(df.dataset_no)
+    report = tmp_path / "validation.json"
+    assert main(["validate", "--data", str(root), "--records", str(out), "--report", str(report),
+                 "--params", str(tmp_path / "absent.yaml")]) == 0
+
+
+def test_discovery_says_what_it_ignored(tmp_path, capsys):
+    import os
+    root = tmp_path / "data"
+    trees.build(root, "release")
+    (root / "README.md").write_text("# Med-MAT")
+    (root / "dataset_info.json").write_text("{}")
+    (root / "Original_Medical_Datasets" / "ori--09-train.json").mkdir()
+    os.mkfifo(root / "Aggregated_Subsets" / "Subset--05-train.json")
+    (root / "Aggregated_Subsets" / "Subset--07-train.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    out = tmp_path / "records.parquet"
+    assert _cli_ingest(root, out, tmp_path) == 0                        # and did not block on the FIFO
+    text = capsys.readouterr().out
+    assert "not a JSON file: README.md" in text and "dataset_info.json" in text
+    assert "git lfs pull" in text and "FIFO" in text and "a directory named like a release file" in text
+    found = {(p["check"], p["file"]) for p in read_problems(out)}
+    assert found == {("lfs_pointer", "Aggregated_Subsets/Subset--07-train.json"),
+                     ("not_a_file", "Aggregated_Subsets/Subset--05-train.json"),
+                     ("not_a_file", "Original_Medical_Datasets/ori--09-train.json")}
+
+
+def test_input_that_fights_back_never_costs_the_good_records(tmp_path, capsys):
+    root = tmp_path / "data"
+    good = trees.dataset_records(root, 2, labels=("Cyst", "Stone"), n=6)
+    deep = "[" * 5000 + "]" * 5000
+    body = ",\n".join([json.dumps(good[0]), deep, json.dumps(good[1])[:-1] + ', "caption": "Stone"}',
+                       json.dumps(good[2]), json.dumps(good[3])[:40]])
+    rel2 = "Original_Medical_Datasets/ori--02-train.json"
+    (root / rel2).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel2).write_text("[\n" + body, encoding="utf-8")          # truncated in record 4
+    d5 = trees.dataset_records(root, 5, labels=("Benign", "Malignant"), n=8)
+    d5[1]["caption"] = "Malignant" if d5[1]["Answer"] == "Benign" else "Benign"   # contradicts its answer
+    d5[2]["image"] = "med-mat/evil\x1b[2Jname.png"                                # control characters
+    d5[3]["image"] = "med-mat"                                                     # a directory
+    trees.write(root, "Original_Medical_Datasets/ori--05-train.json", d5)
+    extra = trees.dataset_records(root, 5, labels=("Benign", "Malignant", "Cyst"), n=3, start=100)
+    trees.write(root, "Original_Medical_Datasets/ori--05-test.json", [r for r in extra if r["Answer"] == "Cyst"])
+    out = tmp_path / "records.parquet"
+    assert _cli_ingest(root, out, tmp_path) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    got = {(p["check"], p["file"], p["record_id"]) for p in read_problems(out)}
+    assert got >= {("too_deep", rel2, None), ("duplicate_key", rel2, 2), ("truncated", rel2, 4),
+                   ("caption_contradicts_answer", "Original_Medical_Datasets/ori--05-train.json", 2),
+                   ("path_control_character", "Original_Medical_Datasets/ori--05-train.json", 3),
+                   ("image_not_a_file", "Original_Medical_Datasets/ori--05-train.json", 4)}
+    assert "test_label_not_in_train" in {p["check"] for p in read_problems(out)}
+    ids = set(read_records(out).record_id)
+    assert {"ori02-train-1", "ori02-train-3", "ori05-train-1", "ori05-train-2", "ori05-train-8"} <= ids
+    assert not ids & {"ori02-train-2", "ori02-train-4", "ori05-train-3", "ori05-train-4"}
+    report = tmp_path / "validation.json"
+    assert main(["validate", "--data", str(root), "--records", str(out), "--report", str(report),
+                 "--params", str(tmp_path / "absent.yaml")]) == 1
+    checks = {c["check"]: c for c in json.loads(report.read_text())["checks"]}
+    assert not checks["ingest.duplicate_key"]["ok"] and checks["ingest.duplicate_key"]["severity"] == "critical"
+    assert checks["ingest.caption_contradicts_answer"]["severity"] == "warning"
+
+
+def test_second_ingest_of_one_output_is_refused(tmp_path, capsys):
+    import fcntl
+    import os
+    root = tmp_path / "data"
+    trees.build(root, "release")
+    out = tmp_path / "records.parquet"
+    lock = tmp_path / ".records.parquet.lock"
+    with open(lock, "w") as fh:
+        fh.write("pid 4242 on elsewhere, since 2026-01-01 00:00:00\n")
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _cli_ingest(root, out, tmp_path) == 3
+        err = capsys.readouterr().err
+        assert "being written by another ingest (pid 4242 on elsewhere" in err
+    assert not out.exists()
+    assert _cli_ingest(root, out, tmp_path) == 0                       # the lock went with its holder
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".records")] == [lock.name]
+    assert os.path.getsize(out) > 0
+
+
+def test_killed_ingest_leaves_table_and_problems_of_one_run(tmp_path):
+    """SIGKILL at random points, alternating a clean tree and one with a truncated file: whatever is left
+    is one run's table with that run's problems, and the next run clears the dead run's temp files."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medmat.data.records import data_root_of, read_summary
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    trees.build(good, "release")
+    trees.build(bad, "release")
+    (bad / "Original_Medical_Datasets" / "ori--03-train.json").write_text('[{"id": 1, "ima', encoding="utf-8")
+    out = tmp_path / "work" / "records.parquet"
+    rng = random.Random(0)
+    cmd = [sys.executable, "-m", "medmat.cli", "ingest", "--out", str(out), *_no_params(tmp_path)]
+    t0 = time.perf_counter()
+    subprocess.run([*cmd, "--data", str(good)], check=True, capture_output=True)
+    full = time.perf_counter() - t0
+    outcomes = set()
+    for i in range(6):
+        root = bad if i % 2 == 0 else good
+        proc = subprocess.Popen([*cmd, "--data", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.4, 1.1) * full)
+        proc.send_signal(signal.SIGKILL)
+        outcomes.add(proc.wait())
+        # Whatever is there is one run's table with that run's problems: the bad tree's run, and only
+        # it, reports the truncated file.
+        summary, problems = read_summary(out), read_problems(out)
+        assert summary["records"] == pq.read_metadata(out).num_rows
+        assert sum(summary["problems"].values()) == len(problems)
+        truncated = any(p["check"] == "truncated" for p in problems)
+        assert truncated == (data_root_of(out) == bad.resolve())
+        assert all(p.suffix in (".parquet", ".lock", ".tmp", ".stage") for p in out.parent.iterdir())
+    assert -signal.SIGKILL in outcomes
+    assert subprocess.run([*cmd, "--data", str(bad)], capture_output=True).returncode == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [".records.parquet.lock", "records.parquet"]
+    report = tmp_path / "validation.json"
+    assert main(["validate", "--data", str(bad), "--records", str(out), "--report", str(report),
+                 "--params", str(tmp_path / "absent.yaml")]) == 1        # the truncated file is reported
+
+
+def test_same_tree_in_two_checkouts_gives_identical_bytes(tmp_path):
+    import shutil
+    first = tmp_path / "clone-a" / "data"
+    trees.build(first, "release")
+    second = tmp_path / "elsewhere" / "clone-b" / "data"
+    shutil.copytree(first, second)
+    for root in (first, second):
+        assert _cli_ingest(root, root.parent / "work" / "records.parquet", tmp_path) == 0
+    a, b = (r.parent / "work" / "records.parquet" for r in (first, second))
+    assert a.read_bytes() == b.read_bytes()
+    assert str(tmp_path).encode() not in a.read_bytes()
+    df = read_records(b)
+    assert df.image_path.str.startswith(str(second.resolve())).all()
+    assert all(Path(p).is_file() for p in df.image_path)
+
+
+def test_links_into_dvc_cache_are_accepted_others_escape(tmp_path):
+    import os
+    repo = tmp_path / "repo"
+    root = repo / "data"
+    recs = trees.dataset_records(root, 2, labels=("Cyst", "Stone"), n=4)
+    (repo / ".dvc" / "cache").mkdir(parents=True)
+    for i, r in enumerate(recs[:3]):          # symlink, symlink, hardlink into the cache
+        img = root / r["image"]
+        cached = repo / ".dvc" / "cache" / "files" / "md5" / f"{i:02d}" / "abc"
+        cached.parent.mkdir(parents=True)
+        os.replace(img, cached)
+        (os.link if i == 2 else os.symlink)(cached, img)
+    outside = tmp_path / "outside.png"
+    os.replace(root / recs[3]["image"], outside)
+    os.symlink(outside, root / recs[3]["image"])
+    trees.write(root, "Original_Medical_Datasets/ori--02-train.json", recs)
+    df, problems, _ = ingest(root)
+    assert sorted(df.record_id) == ["ori02-train-1", "ori02-train-2", "ori02-train-3"]
+    assert [(p["check"], p["record_id"]) for p in problems] == [("path_escape", 4)]
