@@ -27,10 +27,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLProcessor
 
 from medmat.config import ConfigError, from_dict
+from medmat.models.hf_data import collate
+from medmat.names import LETTERS
 
 log = logging.getLogger(__name__)
-
-LETTERS = "ABCDEFGHIJ"
 
 # LoRA on the language model's attention and MLP projections only. The vision towers of LLaVA (CLIP) and
 # others also have modules named q_proj/k_proj/..., so a plain name list would adapt them too; PEFT
@@ -196,24 +196,6 @@ def load_processor(path: Path, model_type: str, trust_remote_code: bool = False)
     return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def load_row_image(row: dict, data_root: str | os.PathLike | None):
-    """The record's image as RGB. `image_path` is absolute in the records table; without it the
-    relative `image` is resolved inside data_root (refusing paths that escape it). Errors name the record."""
-    from medmat.data.images import ImageError, load_image, resolve_image_path
-
-    try:
-        path = row.get("image_path") or ""
-        if not path:
-            if data_root is None:
-                raise ImageError(f"no image_path, and no data root to resolve image {row.get('image')!r}")
-            path = resolve_image_path(data_root, row.get("image"))
-        elif not Path(path).is_absolute() and data_root is not None:
-            path = resolve_image_path(data_root, path)
-        return load_image(path)
-    except ImageError as exc:
-        raise ImageError(f"record {row.get('record_id', '?')}: {exc}") from None
-
-
 def projector_module_names(model) -> list[str]:
     """Short names of the vision->text projector modules present in `model` (for PEFT modules_to_save)."""
     names = set()
@@ -235,12 +217,6 @@ def wrap_lora(model, lora: LoraConfig, train_projector: bool = True):
         modules_to_save=modules_to_save, task_type=None,
     )
     return peft.get_peft_model(model, pcfg)
-
-
-def _is_per_token(key: str, value: torch.Tensor, prompt_len: int) -> bool:
-    """A processor output aligned with the prompt's tokens (shape (1, prompt_len, ...))."""
-    return (not key.startswith("pixel") and value.ndim >= 2 and value.shape[0] == 1
-            and value.shape[1] == prompt_len)
 
 
 class HFBackend:
@@ -324,78 +300,13 @@ class HFBackend:
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
 
-    # -- prompts and batches ----------------------------------------------------------------------
-    def prompt_text(self, row: dict) -> str:
-        """The record's Question-choice as one user turn with the image, ending at the answer slot."""
-        question = str(row["question_choice"]).strip()
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if template:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # No chat template (a base model): the image token, the question, then an answer cue.
-        return f"{self.processor.image_token}\n{question}\nAnswer:"
-
-    def _image(self, row: dict):
-        img = load_row_image(row, self.data_root)
-        if self.cfg.image_size:
-            img = img.resize((self.cfg.image_size, self.cfg.image_size))
-        return img
-
-    def _encode_prompt(self, row: dict) -> dict[str, torch.Tensor]:
-        enc = self.processor(text=[self.prompt_text(row)], images=[self._image(row)], return_tensors="pt")
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-
-    def _answer_ids(self, letter: str, with_eos: bool = True) -> list[int]:
-        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
-        if with_eos and self.tokenizer.eos_token_id is not None:
-            ids = ids + [self.tokenizer.eos_token_id]
-        return ids
-
+    # -- prompts and batches (medmat.models.hf_data) ---------------------------------------------
     def collate(self, rows: list[dict], answers: list[str] | None = None, with_eos: bool = True,
                 padding_side: str = "right") -> dict[str, torch.Tensor]:
-        """Prompt (+ answer) token ids, image tensors and answer-only labels for a list of records.
-
-        `answers=None` uses each record's answer letter; `answers=[""]*n` builds prompts only.
-        Each record's prompt is encoded by the processor on its own (it expands the image placeholder
-        into the right number of image tokens), then the answer ids are appended: tokenising prompt and
-        answer separately keeps the answer's tokens identical whatever the template ends with.
-        """
-        answers = [r["answer_letter"] for r in rows] if answers is None else answers
-        seqs, images = [], []
-        for row, ans in zip(rows, answers):
-            enc = self._encode_prompt(row)
-            prompt = enc.pop("input_ids")[0]
-            enc.pop("attention_mask", None)
-            ans_ids = torch.tensor(self._answer_ids(ans, with_eos) if ans else [], dtype=torch.long)
-            ids = torch.cat([prompt, ans_ids])
-            if len(ids) > self.cfg.max_length:
-                raise ValueError(f"record {row.get('record_id', '?')}: {len(ids)} tokens > model.hf.max_length "
-                                 f"{self.cfg.max_length} (raise max_length or set image_size)")
-            # Per-token tensors besides input_ids (Qwen2-VL mm_token_type_ids; token_type_ids or
-            # cross_attention_mask in other families) are extended over the answer with their last
-            # value: answer tokens are text that sees the image like the prompt's last token does.
-            per_token = {k: v[0] for k, v in enc.items() if _is_per_token(k, v, len(prompt))}
-            for k in per_token:
-                enc.pop(k)
-            per_token = {k: torch.cat([v, v[-1:].expand(len(ans_ids), *v.shape[1:])]) for k, v in per_token.items()}
-            seqs.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                         "labels": torch.cat([torch.full_like(prompt, -100), ans_ids]), **per_token})
-            images.append(enc)
-        width = max(len(s["input_ids"]) for s in seqs)
-        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
-        batch: dict[str, torch.Tensor] = {}
-        for key in seqs[0]:
-            padded = []
-            for s in seqs:
-                t = s[key]
-                fill = t.new_full((width - len(t), *t.shape[1:]), pad_values.get(key, 0))
-                padded.append(torch.cat([t, fill] if padding_side == "right" else [fill, t]))
-            batch[key] = torch.stack(padded)
-        # Image tensors: LLaVA (1, 3, H, W) per image; Qwen2-VL (patches, dim) + grid (1, 3) — all
-        # concatenate along the first axis in record order.
-        for key in images[0]:
-            batch[key] = torch.cat([e[key] for e in images])
-        return batch
+        """Prompt (+ answer) ids, image tensors and answer-only labels; `answers=[""] * n`: prompts only."""
+        return collate(self.processor, rows, data_root=self.data_root, max_length=self.cfg.max_length,
+                       image_size=self.cfg.image_size, answers=answers, with_eos=with_eos,
+                       padding_side=padding_side)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
