@@ -76,20 +76,45 @@ def _trials(storage: str, name: str):
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
-def test_space_budget_and_enqueue_roundtrip():
+def test_space_mixtures_are_exactly_the_budget_and_enqueue_roundtrips():
     space = search.MixtureSpace(limits={"01": 400, "02": 380}, budget=500, step=50)
     assert space.bounds("02") == (50, 350, 50)  # grid stops inside what the subset holds
+    # requests are proportions: scaled up or down to exactly the budget (largest remainder)
     assert space.apply_budget({"01": 400, "02": 400}) == {"01": 250, "02": 250}
-    assert space.apply_budget({"01": 100}) == {"01": 100}
+    assert space.apply_budget({"01": 100, "02": 200}) == {"01": 167, "02": 333}
+    assert space.apply_budget({"01": 50, "02": 50}) == {"01": 250, "02": 250}
+    # a subset short of its share passes the rest to the others
+    assert space.apply_budget({"01": 100, "02": 900}) == {"01": 120, "02": 380}
+    # alone, 01 holds fewer than the budget: not comparable at equal size
+    assert space.apply_budget({"01": 100}) == {"01": 400} and not space.at_budget({"01": 400})
     params = space.params_for({"01": 300})
     assert params == {"use_01": True, "n_01": 300, "use_02": False}
     with pytest.raises(search.SearchError, match="outside the candidates"):
         space.params_for({"09": 10})
-    # enqueued params reproduce the mixture through suggest()
+    with pytest.raises(search.SearchError, match="fewer than the budget"):
+        search.MixtureSpace(limits={"01": 100}, budget=500)
+    # enqueued params reproduce the mixture's proportions through suggest()
     study = optuna.create_study(direction="maximize")
-    study.enqueue_trial(params)
-    trial = study.ask()
-    assert space.suggest(trial) == {"01": 300}
+    study.enqueue_trial(space.params_for({"01": 200, "02": 300}))
+    assert space.suggest(study.ask()) == {"01": 200, "02": 300}
+
+
+def test_every_trial_trains_on_exactly_the_budget(tmp_path):
+    """Sampled, warm-start and short mixtures alike: a COMPLETE trial's mixture sums to the budget; one
+    whose subsets hold less is pruned with its reason, never measured on less data."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    space = search.MixtureSpace(limits={"01": 100, "02": 400, "03": 400}, budget=300, step=50)
+    study = search.open_study("exact-budget", storage, "random", seed=1)
+    search.enqueue_warm_start(study, space, {"a/related": {"02": 100, "03": 50}, "b/related": {"01": 100}})
+    seen = []
+    search.run_worker(study, space, lambda m, t: seen.append(m) or sum(m.values()) / 1000, 12,
+                      search.lock_path(storage, "exact-budget"), progress=False)
+    assert seen and all(sum(m.values()) == 300 for m in seen)
+    trials = study.get_trials(deepcopy=False)
+    assert seen[0] == {"02": 200, "03": 100}                       # the design's 2:1 at the budget
+    short = [t for t in trials if t.user_attrs.get(search.WARM) == "b/related"][0]
+    assert short.state == TrialState.PRUNED and "< budget 300" in short.user_attrs[search.PRUNE_REASON]
+    assert all(t.value == 0.3 for t in trials if t.state == TrialState.COMPLETE)
 
 
 def test_killed_search_resumes_without_lost_or_duplicated_trials(tmp_path):
@@ -193,13 +218,13 @@ def test_outputs_best_mixture_and_history(tmp_path):
     space = search.MixtureSpace(limits={"01": 200, "02": 200}, budget=300, step=50)
     study = search.open_study("outputs", storage, seed=3)
     lock = search.lock_path(storage, "outputs")
-    search.enqueue_warm_start(study, space, {"related_area": {"02": 150}})
+    search.enqueue_warm_start(study, space, {"related_area": {"01": 150, "02": 150}})
     ran = search.run_worker(study, space, lambda m, t: m.get("02", 0) / 300, 5, lock, progress=False)
     assert ran == 5
     manifest = search.write_outputs(study, tmp_path / "out", "03", seed=0)
     best = json.loads((tmp_path / "out" / "best_mixture.json").read_text())
     assert best == manifest and best["components"] and best["dev_accuracy"] == study.best_value
-    assert sum(best["components"].values()) <= 300
+    assert sum(best["components"].values()) == 300
     # a warm-start trial trains on the design's exact counts even off the search grid
     study2 = search.open_study("exact", storage)
     search.enqueue_warm_start(study2, space, {"all_related": {"01": 167, "02": 133}})
@@ -209,12 +234,31 @@ def test_outputs_best_mixture_and_history(tmp_path):
     assert study2.trials[0].params == {"use_01": True, "n_01": 150, "use_02": True, "n_02": 150}
     rows = list(csv.DictReader((tmp_path / "out" / "history.csv").open()))
     assert [int(r["trial"]) for r in rows] == list(range(5))
-    assert rows[0]["source"] == "warm:related_area" and json.loads(rows[0]["mixture"]) == {"02": 150}
+    assert rows[0]["source"] == "warm:related_area" and json.loads(rows[0]["mixture"]) == {"01": 150, "02": 150}
 
 
-def test_trials_to_reach():
+def test_trials_to_reach_and_to_beat():
     assert search.trials_to_reach([0.1, None, 0.5, 0.7], 0.5) == 3
     assert search.trials_to_reach([0.1, 0.2], 0.5) is None
+    # to beat: strictly above, and never a warm-start trial (it is the threshold's own arm)
+    study = optuna.create_study(direction="maximize")
+    for value, attrs in ((0.8, {search.WARM: "a/related"}), (0.9, {search.WARM: "b/related"}), (0.8, {}),
+                         (0.85, {}), (0.7, {})):
+        study.enqueue_trial({}, user_attrs=attrs)
+        study.tell(study.ask(), value)
+    assert search.trials_to_beat(study.trials, 0.8) == 4
+    assert search.trials_to_beat(study.trials, 0.9) is None
+
+
+def test_readable_study_names_and_fingerprint_suffix(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert search.choose_study_name(storage, "medmat-mini-03-CT-Lung-COVID", "aa" * 32) == "medmat-mini-03-CT-Lung-COVID"
+    study = search.open_study("medmat-mini-03-CT-Lung-COVID", storage)
+    study.set_user_attr("objective_fingerprint", "aa" * 32)
+    assert search.choose_study_name(storage, "medmat-mini-03-CT-Lung-COVID", "aa" * 32) == "medmat-mini-03-CT-Lung-COVID"
+    # other settings: a suffixed study beside it, never mixed into the first
+    assert search.choose_study_name(storage, "medmat-mini-03-CT-Lung-COVID", "bb" * 32) == \
+        "medmat-mini-03-CT-Lung-COVID-bbbbbb"
 
 
 @pytest.mark.slow
@@ -250,20 +294,28 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     storage = params["search"]["storage"]
     best = json.loads((tmp_path / "work/search/06/best_mixture.json").read_text())
     name = best["study"]
-    assert name.startswith("medmat-search-06-")  # default name = target + objective fingerprint
+    assert name == "medmat-mini-06-CT-Brain-Cancer"  # readable: prefix, world, target, triplet
     trials = _trials(storage, name)
     assert sum(t.state in search.FINISHED for t in trials) == 5
-    # CT-Brain-Cancer: three Related directions + All Related are the first four trials
-    assert [t.user_attrs.get(search.WARM) for t in trials[:4]] == [
-        "all_related", "related_fixed_area", "related_fixed_modality", "related_fixed_task"]
+    # the Related arm of each combination and All Related are the first trials
+    from medmat.designs import warm_start_mixtures
+
+    warm = sorted(warm_start_mixtures(tmp_path / "work/designs", "06"))
+    n_warm = min(len(warm), 5)
+    assert n_warm >= 2 and all(t.user_attrs.get(search.WARM) for t in trials[:n_warm])
+    assert {t.user_attrs[search.WARM] for t in trials[:n_warm]} <= set(warm)
     best = json.loads((tmp_path / "work/search/06/best_mixture.json").read_text())
     assert best["components"] and 0.0 <= best["dev_accuracy"] <= 1.0
     assert "06" not in best["components"]  # the target never trains on itself
+    # exactly the budget, and the very records the best trial trained on (retrain them as they are)
+    assert sum(best["components"].values()) == best["exact_total"] == best["total"] == len(best["record_ids"])
+    assert all(sum(t.user_attrs[search.MIXTURE].values()) == best["exact_total"]
+               for t in trials if t.state == TrialState.COMPLETE)
 
     medmat(*args, "--trials", "7", "--workers", "2")  # resume by name: two more, no warm start again
     trials = _trials(storage, name)
     assert sum(t.state in search.FINISHED for t in trials) == 7 and len(trials) == 7
-    assert sum(search.WARM in t.user_attrs for t in trials) == 4
+    assert sum(search.WARM in t.user_attrs for t in trials) == len(warm)
     rows = list(csv.DictReader((tmp_path / "work/search/06/history.csv").open()))
     assert len(rows) == 7
     # the same name with other training settings is refused (values would not be comparable)

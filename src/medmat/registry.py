@@ -339,12 +339,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _target_label(text: str) -> str:
-    try:
-        from medmat.designs import target_label
+    """"3", "03" or "CT-Lung-COVID" -> "03" (as metrics.json names targets); a triplet naming no
+    catalogue subset stays as written."""
+    from medmat.names import norm_target
 
-        return target_label(text)
-    except Exception:  # not a catalogue target: use it as given
-        return str(text)
+    try:
+        from medmat.catalog import parse_target
+
+        _, no = parse_target(text)
+        return f"{no:02d}" if no is not None else norm_target(text)
+    except (LookupError, ValueError):
+        return norm_target(text)
 
 
 def run(args: argparse.Namespace) -> int:
