@@ -109,11 +109,11 @@ def plan_world(params: SynthParams) -> list[DatasetPlan]:
     return plans
 
 
-def labels_by_kind(plans: list[DatasetPlan]) -> dict[tuple[str, str], set[str]]:
-    """{(modality, task): labels} over the planned datasets."""
-    out: dict[tuple[str, str], set[str]] = {}
+def labels_by_kind(plans: list[DatasetPlan]) -> dict[tuple[str, str, str], set[str]]:
+    """{(modality, area, task): labels} over the planned datasets (the entangled look is per triplet)."""
+    out: dict[tuple[str, str, str], set[str]] = {}
     for p in plans:
-        out.setdefault((p.modality, p.task), set()).update(p.labels)
+        out.setdefault((p.modality, p.area, p.task), set()).update(p.labels)
     return out
 
 
@@ -133,7 +133,7 @@ def generate_dataset(plan: DatasetPlan, patterns: dict, params: SynthParams) -> 
             k = counter[label]
             counter[label] += 1
             rng = _rng(params.seed, params.entangled, "img", plan.dataset_no, label, k)
-            arr = scene.render(patterns[(plan.modality, plan.task, label)], rng)
+            arr = scene.render(patterns[(plan.modality, plan.area, plan.task, label)], rng)
             rel = f"med-mat/{plan.folder}/{label.replace('/', '_')}/{k}.png"
             images[rel] = encode_png(arr)
             pairs.append(qa.Pair(rel, label, split))
@@ -242,9 +242,10 @@ def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams) ->
         "datasets": {str(p.dataset_no): {"subset": p.subset_no, "triplet": f"{p.modality}-{p.area}-{p.task}",
                                          "folder": p.folder, "labels": list(p.labels),
                                          "train": p.n_train, "test": p.n_test} for p in plans},
-        "patterns": {f"{m}|{t}|{lab}": (None if pat is None else
-                                    f"{PATTERN_KINDS[pat[0]]}/{PATTERN_SIZES[pat[1]]}/{PATTERN_POSITIONS[pat[2]]}")
-                     for (m, t, lab), pat in sorted(patterns.items())},
+        # "modality|area|task|label" (the keys of synth.pattern_table) -> kind/size/position
+        "patterns": {"|".join(key): (None if pat is None else
+                                     f"{PATTERN_KINDS[pat[0]]}/{PATTERN_SIZES[pat[1]]}/{PATTERN_POSITIONS[pat[2]]}")
+                     for key, pat in sorted(patterns.items())},
     }
 
 
