@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medmat.evaluate import tie_break
+from medmat.scoring import tie_break
 from medmat.stats import (
     accuracy_interval,
     clip_pct,
