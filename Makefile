@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-slow test-all bench ui dashboard use-gpu-config clean
+.PHONY: setup demo test test-slow test-all bench ui dashboard use-gpu-config services clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ ui: setup
 
 dashboard: setup
 	$(BIN)/optuna-dashboard sqlite:///mlruns/optuna.db --host 127.0.0.1 --port 8080
+
+# The team stores on this machine until Ctrl-C: PostgreSQL + an S3 server + mlflow server on 127.0.0.1
+# (medmat.services; docs/scale-out.md). Prints the URLs and the params/env to point medmat at them.
+services: setup
+	$(BIN)/python -m medmat.services
 
 # Switch params.yaml to the paper's GPU configuration (local checkpoint; old file kept as params.yaml.bak).
 use-gpu-config: setup
