@@ -189,9 +189,11 @@ def test_study_runs_every_unit_tracks_it_and_resumes(small_study):
     assert not (related / "checkpoints").exists()  # only an unfinished unit needs them
     # MLflow: one parent run per cell, its seeds nested; a model logged only where the registry can use it
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
-    parent = (root / "runs" / "03" / combos[0]["id"] / "related" / "mlflow_run_id").read_text().strip()
     seed_run = client.get_run((related / "mlflow_run_id").read_text().strip())
-    assert seed_run.data.tags["mlflow.parentRunId"] == parent
+    sibling = client.get_run((related.parent / "seed0" / "mlflow_run_id").read_text().strip())
+    parent = client.get_run(seed_run.data.tags["mlflow.parentRunId"])
+    assert sibling.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.run_name == f"03 CT-Lung-COVID · {combos[0]['id']}/related"
     assert seed_run.data.tags["medmat.world"] == "mini" and seed_run.data.tags["medmat.arm"] == f"{combos[0]['id']}/related"
     assert client.search_logged_models(experiment_ids=[seed_run.info.experiment_id],
                                        filter_string=f"source_run_id = '{seed_run.info.run_id}'")

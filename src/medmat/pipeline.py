@@ -117,25 +117,17 @@ def cell_summary(specs: list[RunSpec], cell_metrics: list[dict[str, Any]]) -> di
     return {"acc": round(mean, 2), "lo": clip(lo), "hi": clip(hi), "n": len(accs), "degenerate": bool(reason)}
 
 
-def _parent_runs(specs: list[RunSpec], runs_root: str) -> None:
-    """One MLflow parent run per cell (target x arm), reopened on rerun through a file in the cell."""
+def _parent_runs(specs: list[RunSpec]) -> None:
+    """One MLflow parent run per cell (world, data version, target x arm); a rerun nests under it again."""
     from medmat import tracking
 
-    by_cell: dict[str, list[RunSpec]] = {}
+    parents: dict[str, str] = {}
     for s in specs:
-        by_cell.setdefault(s.cell, []).append(s)
-    for cell, members in by_cell.items():
-        folder = Path(runs_root) / cell
-        first = members[0]
-        run_id = tracking.read_run_id(folder)
-        if run_id is None:
-            tags = {k: v for k, v in first.tags().items() if k != "medmat.seed"}
-            with tracking.tracked_run(first.params.tracking, run_name=f"{first.target} {first.triplet} · {first.arm}",
-                                      tags={**tags, "medmat.cell": "true"}) as run:
-                run_id = run.info.run_id
-            tracking.write_run_id(folder, run_id)
-        for s in members:
-            s.parent_run_id = run_id
+        key = f"{s.world}:{s.data_version}:{s.cell}"
+        if key not in parents:
+            tags = {k: v for k, v in s.tags().items() if k != "medmat.seed"}
+            parents[key] = tracking.parent_run(s.params.tracking, f"{s.target} {s.triplet} · {s.arm}", key, tags)
+        s.parent_run_id = parents[key]
 
 
 def run_study(*, target: str, world: str = "main", params: str = "params.yaml", records: str | None = None,
@@ -144,7 +136,7 @@ def run_study(*, target: str, world: str = "main", params: str = "params.yaml", 
     """Every unit of `target` on `world` (main | control); writes and returns the compact cell metrics."""
     study = load_study_params(params)  # first: a params problem stops before anything heavy is imported
     from medmat.data.records import world_of
-    from medmat.unit import run_units
+    from medmat.ray_executor import dispatch
 
     d_records, d_designs, d_runs, d_metrics = WORLDS[world]
     records, designs_dir = records or d_records, designs_dir or d_designs
@@ -155,9 +147,9 @@ def run_study(*, target: str, world: str = "main", params: str = "params.yaml", 
     specs = plan_units(study, target=target, records=records, designs_dir=designs_dir, runs_root=runs_root,
                        world=world_of(records), data_version=data_version_of(records),
                        main_world=world == "main")
-    _parent_runs(specs, runs_root)
+    _parent_runs(specs)
     primaries, same_as = identical_units(specs)
-    done = dict(zip(primaries, run_units([specs[i] for i in primaries], study.experiment.workers)))
+    done = dict(zip(primaries, dispatch([specs[i] for i in primaries], study.experiment)))
     results = [done[i] if i in done else share_result(specs[i], specs[same_as[i]], done[same_as[i]])
                for i in range(len(specs))]
     cells: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
@@ -228,7 +220,8 @@ def run_best(*, target: str, params: str = "params.yaml", records: str = "work/r
 
     from medmat.data.records import world_of
     from medmat.mixture import resolve_mixture, save_manifest
-    from medmat.unit import records_table, run_units
+    from medmat.ray_executor import dispatch
+    from medmat.unit import records_table
 
     study = load_study_params(params)
     target = norm_target(target)
@@ -246,8 +239,8 @@ def run_best(*, target: str, params: str = "params.yaml", records: str = "work/r
                      manifest=str(manifest_path), dev_manifest=str(tdir / index["dev"]) if index.get("dev") else None,
                      world=world_of(records), data_version=data_version_of(records), candidate=True)
              for s in study.experiment.seeds]
-    _parent_runs(specs, runs_root)
-    results = run_units(specs, study.experiment.workers)
+    _parent_runs(specs)
+    results = dispatch(specs, study.experiment)
     return _write_cells({"search_best": cell_summary(specs, results)}, metrics_root, target)["search_best"]
 
 

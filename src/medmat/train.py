@@ -466,7 +466,9 @@ def train_model(
             if tracker is not None:
                 tracker.log_metrics({"train_samples_per_s": result.samples_per_s, "train_wall_s": wall})
                 if log_model:
-                    tracker.log_model(out / "model")
+                    from medmat.served_model import log_model as log_served_model
+
+                    log_served_model(out / "model")
         accel.wait_for_everyone()
     return result
 

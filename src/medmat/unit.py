@@ -60,7 +60,7 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
     if cached is not None:
         return cached
     from medmat import tracking
-    from medmat.evaluate import evaluate_backend, write_outputs
+    from medmat.scoring import evaluate_backend, write_outputs
     from medmat.mixture import load_manifest, select_manifest
     from medmat.models import build_untrained
     from medmat.train import train_model
@@ -102,12 +102,11 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
         "dev_accuracy": dev.accuracy if dev else None, "dev_n": dev.n if dev else 0,
         "manifest": spec.manifest, "wall_s": round(time.time() - t0, 2),
     }
-    write_outputs(test, run_dir, extra)  # TODO(lead): plots=False once the split lands
+    write_outputs(test, run_dir, extra, plots=False)
     metrics = test.mlflow_metrics(p.evaluate.metric_prefix)
     if dev is not None:
         metrics["dev_accuracy_final"] = dev.accuracy
-    with tracking.tracked_run(track, run_id=run_id):
-        tracking.log_metrics(metrics)
+    tracking.log_metrics(metrics, run_id=run_id, cfg=track)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     atomic_write_json(run_dir / UNIT_FILE, {"fingerprint": spec.fingerprint(), "cell": spec.cell})
     out = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
