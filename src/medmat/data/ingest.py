@@ -139,8 +139,9 @@ def ingest_to_parquet(data_root: str | os.PathLike, out: str | os.PathLike, para
                         writer.write_table(table)
             job.report_missing_images()
             splits = job.splits(params.seed, fraction)
+            phashes = job.phashes()
             summary = _summary(job, params, world, fraction)
-            _write_final(stage, tmp, splits, _metadata(root, out, world, job.problems, summary))
+            _write_final(stage, tmp, splits, phashes, _metadata(root, out, world, job.problems, summary))
             publish(tmp, out)
         finally:
             stage.unlink(missing_ok=True)
@@ -175,10 +176,11 @@ def _metadata(root: Path, out: Path, world: str, problems: list[dict], summary: 
             SUMMARY_KEY: json.dumps(doc, sort_keys=True).encode()}
 
 
-def _write_final(stage: Path, tmp: Path, splits: list[str], metadata: dict) -> None:
-    """Copy the stage file into `tmp` row group by row group, with the derived splits filled in."""
+def _write_final(stage: Path, tmp: Path, splits: list[str], phashes: dict[str, str], metadata: dict) -> None:
+    """Copy the stage file into `tmp` row group by row group, with the derived splits and the
+    perceptual hashes (by content hash) filled in."""
     schema = SCHEMA.with_metadata(metadata)
-    col = SCHEMA.get_field_index("split")
+    col, ph_col = SCHEMA.get_field_index("split"), SCHEMA.get_field_index("image_phash")
     staged = pq.ParquetFile(stage)
     offset = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
@@ -186,6 +188,8 @@ def _write_final(stage: Path, tmp: Path, splits: list[str], metadata: dict) -> N
             t = staged.read_row_group(rg)
             n = t.num_rows
             t = t.set_column(col, "split", pa.array(splits[offset:offset + n], pa.string()))
+            sha = t.column("image_sha256").to_pylist()
+            t = t.set_column(ph_col, "image_phash", pa.array([phashes.get(h, "") for h in sha], pa.string()))
             writer.write_table(t.replace_schema_metadata(metadata))
             offset += n
         if staged.num_row_groups == 0:

@@ -89,7 +89,7 @@ def _keys_all_parsed(raw: bytes, data: list) -> bool:
     bytes is the number of keys, unless whitespace sits before a colon (then we cannot tell: False) or
     a string contains '":' or a record holds nested objects (the count exceeds the top-level keys:
     False). A duplicate adds a key to the bytes that the parsed dict lacks: never equal."""
-    if any(s in raw for s in _SPACED_COLON) or not all(type(r) is dict for r in data):
+    if any(s in raw for s in _SPACED_COLON) or (data and set(map(type, data)) != {dict}):
         return False
     return raw.count(b'":') == sum(map(len, data))
 
