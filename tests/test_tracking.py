@@ -45,8 +45,10 @@ def test_setup_creates_store_and_experiment_with_local_artifacts(store):
     exp = client(store).get_experiment_by_name("test-tracking")
     assert exp.artifact_location == (Path(store.artifact_root).resolve() / "test-tracking").as_uri()
     assert tracking.setup(store) == exp.experiment_id  # idempotent
-    # the MLflow UI opens it as a model-training experiment, not in its GenAI (traces) view
+    # a model-training experiment for the MLflow UI, linked in its machine-learning (runs) view
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.experiment_url(store, ui="http://localhost:5000/") == (
+        f"http://localhost:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
 
 
 def test_setup_marks_an_existing_experiment_as_model_training(store):

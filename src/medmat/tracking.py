@@ -43,8 +43,9 @@ OPTUNA_STORAGE = "sqlite:///mlruns/optuna.db"  # medmat.search's default study s
 TAG_PREFIX = "medmat."
 FAILURE_TAG = "failure_reason"
 PARENT_KEY_TAG = TAG_PREFIX + "parent_key"
-# The MLflow UI (3.x) opens an experiment in the view its `mlflow.experimentKind` tag names; without
-# the tag it guesses, and may pick the GenAI (traces) view. These are model-training experiments.
+# The experiment's type in the MLflow UI ("Machine learning", not "GenAI apps & agents"); UIs that open
+# an experiment by its kind read this tag. MLflow 3.17's UI opens the view of the browser's own choice
+# (GenAI by default) unless the link says otherwise: experiment_url() gives that link.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # MLflow's own limits (mlflow.utils.validation): longer values are rejected, so we truncate.
@@ -96,12 +97,9 @@ def _store_lock(uri: str):
 
 
 def _set_uri(uri: str) -> None:
-    """mlflow.set_tracking_uri without its side effect of exporting MLFLOW_TRACKING_URI.
-
-    MLflow exports the URI so that subprocesses inherit it; but that env variable is how a *user* points
-    medmat at a team server (it overrides params), so after one setup() in a process every later setup()
-    with another store would silently log to the first. In-process MLflow reads its own global first.
-    """
+    """mlflow.set_tracking_uri without exporting MLFLOW_TRACKING_URI: that variable is how a *user* points
+    medmat at a team server (it overrides params); left set, every later setup() in the process with
+    another store would silently log to the first. In-process MLflow reads its own global first."""
     import mlflow
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -162,6 +160,11 @@ def _activate(cfg: TrackingConfig | None) -> str:
     if mlflow.get_tracking_uri() != uri:
         _set_uri(uri)
     return exp_id
+
+
+def experiment_url(cfg: TrackingConfig | None = None, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI (`make ui`), in its machine-learning view."""
+    return f"{ui.rstrip('/')}/#/experiments/{_activate(cfg)}/runs?workflowType=machine_learning"
 
 
 # ---------------------------------------------------------------------------------------- provenance
@@ -343,10 +346,8 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
 def log_mixture(manifest: Mapping[str, Any], data_version: str, name: str = "mixture") -> None:
     """Log the training mixture as an MLflow dataset input (context "training") + manifest.json.
 
-    The dataset's rows are the manifest's components (subset, requested, selected, sha256); its digest
-    is the manifest's content hash and its source the data version, so the UI answers "trained on which
-    records of which data".
-    """
+    The dataset's rows are the manifest's components (subset, requested, selected, sha256), its digest the
+    manifest's content hash, its source the data version: the UI answers "trained on which records"."""
     import hashlib
 
     import mlflow
@@ -389,9 +390,8 @@ def write_run_id(run_dir: str | os.PathLike, run_id: str) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    # The served model moved to medmat.served_model. Models logged before the move are pickled as
-    # `medmat.tracking.MedmatPyfunc` and must still load; `tracking.log_model` callers keep working
-    # until they import it from medmat.served_model. Resolved on use, so importing tracking stays light.
+    # Moved to medmat.served_model: callers of tracking.log_model and models pickled as
+    # medmat.tracking.MedmatPyfunc keep working meanwhile, resolved on use (importing tracking stays light).
     if name in ("MedmatPyfunc", "log_model"):
         from medmat import served_model
 
