@@ -1,100 +1,164 @@
-"""The report from cell metrics: Table 3 rows with paired gaps and marks, control beside, figures."""
+"""The report from run folders built by hand in the pipeline's layout: Table 3 beside the paper, paired
+bootstrap gaps, the headline's claim, the control's equivalence test, degenerate cells, plot data."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import math
 
+import numpy as np
 import pytest
 
-from medmat.pipeline import t_interval
-from medmat.report import ReportConfig, build_report, paired_gap, run, summary_of, table3_rows
+from medmat.report import ReportConfig, build_report, run
+
+N_Q = 210  # test questions of the target, answer letters balanced over A/B/C
 
 
-def cell(target, arm, accs, **extra):
-    mean, lo, hi = t_interval(accs)
-    return {"target": target, "arm": arm, "status": "ok", "triplet": extra.pop("triplet", "CT-Lung-COVID"),
-            "seeds": {str(i): a for i, a in enumerate(accs)}, "mean": mean, "ci95": [lo, hi], **extra}
+def write_arm(runs, target, arm, accs, seed=0, letter=None, same_as=None):
+    """seed<k>/{metrics.json, predictions.jsonl}; question i is correct with probability accs[k]
+    (or copies `same_as`'s outcomes with a few flips, for a control arm that learns nothing)."""
+    rng = np.random.default_rng(seed)
+    for k, acc in enumerate(accs):
+        d = runs / target / arm / f"seed{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        preds = []
+        for i in range(N_Q):
+            answer = "ABC"[i % 3]
+            if same_as is not None:
+                ok = same_as[k][i] if rng.random() > 0.02 else not same_as[k][i]
+            else:
+                ok = rng.random() < acc
+            pred = letter or (answer if ok else rng.choice([x for x in "ABC" if x != answer]))
+            preds.append({"record_id": f"r{i}", "subset_no": target, "answer_letter": answer,
+                          "predicted_letter": pred, "answer_text": answer, "predicted_text": pred,
+                          "raw_output": "", "correct": pred == answer})
+        (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        (d / "metrics.json").write_text(json.dumps({"accuracy": sum(p["correct"] for p in preds) / N_Q, "n": N_Q,
+                                                    "seed": k, "target": target, "arm": arm}))
+    return {k: [p for p in _outcomes(runs / target / arm / f"seed{k}")] for k in range(len(accs))}
 
 
-def write(root, world, target, arm, data):
-    p = root / world / target / f"{arm}.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data))
+def _outcomes(d):
+    return [json.loads(x)["correct"] for x in (d / "predictions.jsonl").read_text().splitlines()]
+
+
+def combo(cid, direction, related, row=None, paper=None):
+    return {"id": cid, "direction": direction, "related": related, "members": {r: f"subset {r}" for r in related},
+            "paper_row": row, "paper": paper, "arms": {"related": f"{cid}/related.json",
+                                                       "baseline_plus": f"{cid}/baseline_plus.json"},
+            "selected_total": 600, "matched": True, "shortfall": 0}
+
+
+def write_index(designs, target, combos, arms=None):
+    d = designs / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "index.json").write_text(json.dumps({"target": target, "triplet": "CT-Lung-COVID", "subset_no": int(target),
+                                              "combinations": combos, "dropped": [{"id": "fixed_modality",
+                                              "reason": "no other subset has task COVID with modality CT"}],
+                                              "arms": arms or {}}))
+
+
+PAPER15 = {"row": 15, "baseline": 47.0, "baseline_plus": 46.0, "trained": 72.0, "cg_helps": "yes"}
 
 
 @pytest.fixture
-def world(tmp_path):
-    m = tmp_path / "metrics"
-    write(m, "main", "03", "baseline", cell("03", "baseline", [0.30, 0.32, 0.31]))
-    write(m, "main", "03", "baseline_plus", cell("03", "baseline_plus", [0.40, 0.42, 0.38]))
-    write(m, "main", "03", "related_fixed_area",
-          cell("03", "related_fixed_area", [0.70, 0.66, 0.74], members={"04": "CT-Lung-Cancer", "28": "X-ray-Lung-COVID"}))
-    write(m, "main", "03", "related_fixed_task", {"status": "unavailable", "reason": "fixed_task: no other subset has modality CT with task COVID"})
-    # a failing target: Trained below Baseline+ (must be shown with a cross, not dropped)
-    write(m, "main", "06", "baseline_plus", cell("06", "baseline_plus", [0.50, 0.52, 0.48], triplet="CT-Brain-Cancer"))
-    write(m, "main", "06", "related_fixed_task", cell("06", "related_fixed_task", [0.45, 0.47, 0.43], triplet="CT-Brain-Cancer"))
-    for arm, accs in (("all_related", [0.8]), ("all_unrelated", [0.4]), ("all_data", [0.82])):
-        write(m, "main", "03", arm, cell("03", arm, accs))
-    write(m, "main", "03", "limited", {"status": "ok", "variants": {
-        "related_k0": {"companion": "related", "k": 0, **cell("03", "x", [0.6, 0.7])},
-        "related_k50": {"companion": "related", "k": 50, **cell("03", "x", [0.8, 0.85])},
-        "unrelated_k0": {"companion": "unrelated", "k": 0, **cell("03", "x", [0.4, 0.42])},
-        "unrelated_k50": {"companion": "unrelated", "k": 50, **cell("03", "x", [0.7, 0.72])}}})
-    write(m, "entangled", "03", "baseline_plus", cell("03", "baseline_plus", [0.40, 0.41, 0.39]))
-    write(m, "entangled", "03", "related_fixed_area", cell("03", "related_fixed_area", [0.39, 0.43, 0.40]))
+def study(tmp_path):
+    runs, designs, cruns, cdesigns = (tmp_path / p for p in ("runs", "designs", "control_runs", "cdesigns"))
+    combos = [combo("fixed_area-04-28", "fixed_area", ["04", "28"], 15, PAPER15),
+              combo("fixed_task-28-05", "fixed_task", ["28", "05"])]
+    write_index(designs, "03", combos, arms={"all_related": "scaleup/all_related.json",
+                                             "all_unrelated": "scaleup/all_unrelated.json",
+                                             "in_distribution": "in_distribution.json",
+                                             "limited": {"related_k0": "x", "related_k100": "y", "unrelated_k100": "z"}})
+    write_arm(runs, "03", "baseline", [1 / 3] * 3, seed=1, letter="A")  # answers by position: degenerate
+    write_arm(runs, "03", "fixed_area-04-28/baseline_plus", [0.34, 0.33, 0.35], seed=2)
+    write_arm(runs, "03", "fixed_area-04-28/related", [0.90, 0.88, 0.92], seed=3)
+    write_arm(runs, "03", "fixed_task-28-05/baseline_plus", [0.34, 0.33, 0.35], seed=2)
+    write_arm(runs, "03", "fixed_task-28-05/related", [0.35, 0.33, 0.34], seed=4)
+    for arm, acc, s in (("scaleup/all_related", 0.8, 5), ("scaleup/all_unrelated", 0.4, 6), ("in_distribution", 0.99, 7),
+                        ("limited/related_k0", 0.9, 8), ("limited/related_k100", 0.97, 9),
+                        ("limited/unrelated_k100", 0.99, 10)):
+        write_arm(runs, "03", arm, [acc, acc], seed=s)
+    # control: Trained learns nothing beyond Baseline+ (its outcomes copy Baseline+'s, 2% flipped)
+    write_index(cdesigns, "03", combos[:1])
+    bp = write_arm(cruns, "03", "fixed_area-04-28/baseline_plus", [0.34, 0.33, 0.35], seed=11)
+    write_arm(cruns, "03", "fixed_area-04-28/related", [0, 0, 0], seed=12, same_as=bp)
     s = tmp_path / "search" / "03"
     s.mkdir(parents=True)
-    s.joinpath("history.csv").write_text(
-        "trial,value,state,source,total,mixture\n0,0.6,COMPLETE,warm:related_fixed_area,600,{}\n"
-        "1,0.55,COMPLETE,sampler,600,{}\n2,,PRUNED,sampler,600,{}\n3,0.72,COMPLETE,sampler,600,{}\n")
-    s.joinpath("best_mixture.json").write_text(json.dumps({"components": {"04": 300, "30": 300}, "dev_accuracy": 0.72, "n_trials": 4}))
+    s.joinpath("history.csv").write_text("trial,value,state,source,total,mixture\n0,0.6,COMPLETE,warm:related,600,{}\n"
+                                         "1,0.55,COMPLETE,sampler,600,{}\n2,,PRUNED,sampler,600,{}\n")
+    s.joinpath("best_mixture.json").write_text(json.dumps({"components": {"04": 300}, "dev_accuracy": 0.6, "n_trials": 3}))
     return tmp_path
 
 
-def test_paired_gap_is_per_seed():
-    a = cell("03", "a", [0.7, 0.6, 0.8])
-    b = cell("03", "b", [0.5, 0.5, 0.5])
-    g = paired_gap(a, b)
-    assert g["diffs"] == pytest.approx([0.2, 0.1, 0.3])
-    assert g["mean"] == pytest.approx(0.2)
-    # t(2) quantile 4.303 x sd 0.1 / sqrt 3
-    assert g["ci95"][1] - g["mean"] == pytest.approx(4.3027 * 0.1 / math.sqrt(3), rel=1e-3)
+def build(tmp, **kw):
+    cfg = ReportConfig(n_boot=400, **kw)
+    return build_report(str(tmp / "runs"), str(tmp / "control_runs"), str(tmp / "designs"), str(tmp / "cdesigns"),
+                        str(tmp / "search"), str(tmp / "reports"), cfg, str(tmp / "summary.json"))
 
 
-def test_report_rows_marks_control_and_figures(world):
-    summary = build_report(str(world / "metrics"), str(world / "search"), None, str(world / "reports"),
-                           ReportConfig(), str(world / "summary.json"))
-    text = (world / "reports" / "report.md").read_text()
-    # the winning row and the failing row are both there, with their marks
-    row03 = next(line for line in text.splitlines() if line.startswith("| 03 | CT-Lung-COVID | Fixed area"))
-    assert row03.endswith("✓ |") and "+30.0" in row03
-    row06 = next(line for line in text.splitlines() if line.startswith("| 06 |"))
-    assert row06.endswith("✗ |") and "-5.0" in row06
-    assert "fixed_task: no other subset has modality CT with task COVID" in text
-    assert "Negative control" in text and "dev split" in text and "Normal" in text
-    # per-target average: (30 + (-5)) / 2 = 12.5 < 15 -> not met; control gap ~ +0.7 -> as expected
-    assert summary["main_mean_gap_pts"] == pytest.approx(12.5)
-    assert summary["main_target_met"] is False and "NOT met" in text
-    assert summary["control_as_expected"] is True
-    for png in ("table3.png", "scaleup.png", "limited.png", "search_history.png"):
-        assert (world / "reports" / png).stat().st_size > 1000, png
-    assert json.loads((world / "summary.json").read_text())["main_rows"] == 2
+def test_table3_paper_beside_ours_with_paired_gaps(study):
+    summary = build(study)
+    text = (study / "reports" / "report.md").read_text()
+    assert "| 15 | 47 / 46 / 72 |" in text                       # the paper's row and numbers beside ours
+    rows = {r["combination"]: r for r in csv.DictReader((study / "reports/plots/table3.csv").open())
+            if r["world"] == "main"}
+    strong, null = rows["fixed_area-04-28"], rows["fixed_task-28-05"]
+    assert float(strong["ours_gap"]) > 40 and float(strong["gap_lo"]) > 0 and strong["significant"] == "True"
+    assert float(null["gap_lo"]) < 0 < float(null["gap_hi"]) and null["significant"] == "False"
+    assert strong["paper_gap"] == "26.0" and null["paper_trained"] == ""
+    for r in rows.values():                                       # accuracies stay inside [0, 100]
+        assert all(0 <= float(r[k]) <= 100 for k in ("baseline", "baseline_plus", "trained"))
+    # 1 of 2 rows significant: the claim needs MOST rows, a positive mean alone does not carry it
+    assert summary["main_rows"] == 2 and summary["main_significant"] == 1 and summary["main_mean_gap_pts"] > 20
+    assert summary["main_claim_supported"] is False and "**NOT supported**" in text
+    assert "Designs that could not be built" in text and "modality CT" in text
 
 
-def test_summary_over_targets_not_rows(world):
-    from medmat.report import load_cells
+def test_control_passes_only_by_equivalence(study):
+    summary = build(study)
+    lo, hi = summary["control_gap_ci95_pts"]
+    assert -5 < lo <= hi < 5 and summary["control_equivalent"] is True
+    # a narrower band the same interval does not fit: the control no longer passes (and the report says so)
+    strict = build(study, control_band=0.5)
+    assert strict["control_equivalent"] is False
+    assert "does NOT pass" in (study / "reports" / "report.md").read_text()
 
-    rows = table3_rows(load_cells(world / "metrics")["main"])
-    s = summary_of(rows)
-    assert s["rows"] == 2 and s["improved"] == 1
+
+def test_degenerate_cells_are_flagged_and_caveats_follow_the_numbers(study):
+    summary = build(study)
+    text = (study / "reports" / "report.md").read_text()
+    assert summary["degenerate_cells"] >= 1 and "⚠" in text and "predicts A for 100%" in text
+    # Baseline+ sits at chance here: no caveat may claim it rises above chance
+    assert "Baseline+ is above chance" not in text
+    assert "Only 3 training seeds" in text
 
 
-def test_cli_unknown_report_key(tmp_path, capsys):
-    p = tmp_path / "params.yaml"
-    p.write_text("report:\n  min_gian: 3\n")
-    args = argparse.Namespace(metrics=str(tmp_path), search=None, designs=None, out=str(tmp_path / "r"),
-                              summary=None, params=str(p))
+def test_baseline_plus_above_chance_gets_its_caveat(study):
+    write_arm(study / "runs", "03", "fixed_area-04-28/baseline_plus", [0.6, 0.62, 0.58], seed=20)
+    build(study)
+    assert "Baseline+ is above chance" in (study / "reports" / "report.md").read_text()
+
+
+def test_figures_and_plot_data(study):
+    summary = build(study)
+    assert set(summary["figures"]) == {"table3.png", "scaleup.png", "limited.png", "search_history.png"}
+    scale = list(csv.DictReader((study / "reports/plots/scaleup.csv").open()))
+    assert {r["arm"] for r in scale} >= {"All Related", "In-distribution (upper bound)"}
+    assert next(r for r in scale if r["arm"] == "All Related")["paper"] == "73"
+    limited = list(csv.DictReader((study / "reports/plots/limited.csv").open()))
+    assert all(0 <= float(r["lo"]) <= float(r["accuracy"]) <= float(r["hi"]) <= 100 for r in limited)
+    assert [r["k"] for r in limited if r["companion"] == "related"] == ["0", "100"]
+    assert len(list(csv.DictReader((study / "reports/plots/search.csv").open()))) == 2  # pruned trial left out
+
+
+def test_cli(study, tmp_path, capsys):
+    args = argparse.Namespace(runs=str(study / "runs"), control_runs=str(study / "control_runs"),
+                              designs=str(study / "designs"), control_designs=str(study / "cdesigns"),
+                              search=str(study / "search"), out=str(tmp_path / "out"),
+                              summary=str(tmp_path / "s.json"), params=str(tmp_path / "none.yaml"))
+    assert run(args) == 0
+    assert (tmp_path / "out" / "report.md").exists() and json.loads((tmp_path / "s.json").read_text())["main_rows"] == 2
+    args.designs = str(tmp_path / "missing")
     assert run(args) == 2
-    assert "min_gian" in capsys.readouterr().out

@@ -1,0 +1,141 @@
+"""The report's numbers: cells, Table 3 rows, the headline, the control's equivalence test, caveats.
+
+Every accuracy is the mean over training seeds of the target's test accuracy (%), with a 95% interval
+from a two-stage bootstrap over seeds and test questions (medmat.stats), so it stays inside [0, 100].
+Every gap (Trained - Baseline+, Trained - Baseline) is paired by seed and question. Caveats are
+computed from these numbers, never written as fixed text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from medmat import stats
+from medmat.report.runs import Arm
+
+DIRECTION_NAMES = {"fixed_modality": "Fixed modality", "fixed_area": "Fixed area", "fixed_task": "Fixed task",
+                   "modality_area": "Modality-area", "three_element": "Three-element"}
+
+
+def cell(arm: Arm | None, n_boot: int, seed: int) -> dict[str, Any] | None:
+    """{"acc", "lo", "hi", "sd_seeds", "per_seed", "n_seeds", "degenerate": reason | None}."""
+    if arm is None:
+        return None
+    out = stats.accuracy_interval(arm.outcomes, n_boot=n_boot, seed=seed)
+    out["n_seeds"] = len(arm.outcomes)
+    out["degenerate"] = stats.degenerate(arm.predictions, arm.n_options)
+    return out
+
+
+def _gap(a: Arm | None, b: Arm | None, n_boot: int, seed: int) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return None
+    try:
+        return stats.paired_bootstrap_gap(a.outcomes, b.outcomes, n_boot=n_boot, seed=seed)
+    except ValueError:  # no common seed or question: nothing to pair
+        return None
+
+
+def table3(world: dict[str, dict[str, Any]], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """One row per combination run: direction, Related subsets, the paper's numbers, ours, the gaps.
+
+    `improves` is the paper's convention (Trained beats both Baseline and Baseline+, by the means);
+    `significant` asks more: the paired interval of Trained - Baseline+ lies above 0."""
+    rows = []
+    for target, t in sorted(world.items()):
+        arms, index = t["arms"], t["index"]
+        base = arms.get("baseline")
+        for combo in index.get("combinations", []):
+            rel, bp = arms.get(f"{combo['id']}/related"), arms.get(f"{combo['id']}/baseline_plus")
+            if rel is None:
+                continue
+            row = {"target": target, "triplet": index.get("triplet", ""), "id": combo["id"],
+                   "direction": combo.get("direction", ""), "related": combo.get("related", []),
+                   "members": combo.get("members", {}), "paper": combo.get("paper"),
+                   "matched": combo.get("matched", True), "shortfall": combo.get("shortfall", 0),
+                   "baseline": cell(base, n_boot, seed), "baseline_plus": cell(bp, n_boot, seed),
+                   "trained": cell(rel, n_boot, seed),
+                   "gap": _gap(rel, bp, n_boot, seed), "gap_baseline": _gap(rel, base, n_boot, seed),
+                   "_pair": (rel, bp)}
+            g, gb = row["gap"], row["gap_baseline"]
+            row["improves"] = bool(g and gb and g["gap"] > 0 and gb["gap"] > 0)
+            row["significant"] = bool(g and g["lo"] > 0)
+            row["degenerate"] = [f"{name}: {c['degenerate']}" for name, c in
+                                 (("Baseline", row["baseline"]), ("Baseline+", row["baseline_plus"]),
+                                  ("Trained", row["trained"])) if c and c["degenerate"]]
+            rows.append(row)
+    return rows
+
+
+def headline(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean gap Trained - Baseline+ over rows (two-stage bootstrap, questions resampled per target),
+    the paper's count of improving rows, and how many rows are significant."""
+    usable = [r for r in rows if r["gap"]]
+    out: dict[str, Any] = {"rows": len(usable), "improves": sum(r["improves"] for r in usable),
+                           "significant": sum(r["significant"] for r in usable)}
+    if not usable:
+        return {**out, "gap": math.nan, "lo": math.nan, "hi": math.nan}
+    pairs = [(r["_pair"][0].outcomes, r["_pair"][1].outcomes) for r in usable]
+    m = stats.mean_gap_bootstrap(pairs, groups=[r["target"] for r in usable], n_boot=n_boot, seed=seed)
+    return {**out, "gap": m["gap"], "lo": m["lo"], "hi": m["hi"], "method": m["method"]}
+
+
+def positive_claim(h: dict[str, Any]) -> bool:
+    """CG helps: most rows significant (not only a positive mean) and the mean gap's interval above 0."""
+    return bool(h["rows"] and h["significant"] > h["rows"] / 2 and h["lo"] > 0)
+
+
+def control_verdict(h: dict[str, Any], margin: float) -> bool:
+    """The negative control passes only an equivalence test: its mean gap's 95% interval inside
+    +-margin points (a wide interval covering 0 shows nothing)."""
+    return bool(h["rows"]) and stats.equivalence(h["lo"], h["hi"], margin)
+
+
+def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict[str, dict], h: dict, hc: dict,
+            margin: float) -> list[str]:
+    """Caveats that follow from the numbers above them (each names the numbers it rests on)."""
+    out = []
+    chance = {r["target"]: 100.0 / k for r in rows if (k := r["_pair"][0].n_options)}
+    above = [r for r in rows if r["baseline_plus"] and r["target"] in chance
+             and r["baseline_plus"]["lo"] > chance[r["target"]]]
+    if above:
+        names = ", ".join(f"{r['target']} ({r['baseline_plus']['acc']:.1f}% vs chance {chance[r['target']]:.1f}%)"
+                          for r in {r["target"]: r for r in above}.values())
+        out.append(f"Baseline+ is above chance (its interval excludes 1/k) for {names}: Unrelated data still "
+                   "teaches something here (e.g. a label name shared across tasks such as \"Normal\"), so "
+                   "the Related gap understates what Related data add over nothing.")
+    wide = [r for r in rows if r["trained"] and not math.isnan(r["trained"]["sd_seeds"])
+            and r["trained"]["sd_seeds"] > 5]
+    if wide:
+        out.append("Seed-to-seed sd of Trained above 5 points in " + ", ".join(
+            f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f})" for r in wide) + ": these rows' gaps rest on "
+            "unstable training; read their intervals, not their means.")
+    # one entry per cell: a target's Baseline is shared by its rows, so it is named once
+    degenerate = list(dict.fromkeys(
+        f"{r['target']} " + (d if d.startswith("Baseline:") else f"{r['id']} {d}")
+        for r in rows + crows for d in r["degenerate"]))
+    if degenerate:
+        out.append("Degenerate cells (their accuracy measures the procedure, not the model): "
+                   + " | ".join(degenerate) + ".")
+    unmatched = [r for r in rows if not r["matched"]]
+    if unmatched:
+        out.append("Baseline+ could not match its Related total in " + ", ".join(
+            f"{r['target']} {r['id']} (short by {r['shortfall']})" for r in unmatched) + ".")
+    if h["rows"] and not positive_claim(h):
+        out.append(f"The positive claim is NOT supported: {h['significant']} of {h['rows']} rows significant "
+                   f"and mean gap interval [{h['lo']:+.1f}, {h['hi']:+.1f}].")
+    if hc["rows"] and not control_verdict(hc, margin):
+        out.append(f"The negative control does NOT pass: its mean gap interval [{hc['lo']:+.1f}, {hc['hi']:+.1f}] "
+                   f"is not inside +-{margin:g} points, so this world's Related gain is not shown to be "
+                   "compositional.")
+    below = [r for r in crows if r["trained"] and r["target"] in chance and r["trained"]["hi"] < chance[r["target"]]]
+    if below:
+        out.append("In the control world Trained falls BELOW chance in " + ", ".join(
+            f"{r['target']} {r['id']} ({r['trained']['acc']:.1f}%)" for r in below) + ": a systematic wrong "
+            "mapping, not the absence of one.")
+    seeds = sorted({c["n_seeds"] for c in cells.values() if c})
+    if seeds and max(seeds) < 5:
+        out.append(f"Only {max(seeds)} training seeds per cell: the bootstrap's seed stage draws from "
+                   f"{max(seeds)} values, so intervals are approximate.")
+    return out

@@ -1,0 +1,234 @@
+"""report.md: the headline, Table 3 beside the paper, the negative control, Figure 4, limited data, the
+search and caveats computed from the numbers above them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medmat.io import atomic_write_json, atomic_write_text
+from medmat.report import analysis, plots
+from medmat.report.analysis import DIRECTION_NAMES
+from medmat.report.runs import load_search, read_world
+
+SCALEUP_ORDER = [("baseline", "Baseline"), ("scaleup/all_unrelated", "All Unrelated"),
+                 ("scaleup/all_related", "All Related"), ("scaleup/related_without_modality", "Related w/o Modality"),
+                 ("scaleup/related_without_area", "Related w/o Area"), ("scaleup/related_without_task", "Related w/o Task"),
+                 ("scaleup/all_data", "All Data"), ("in_distribution", "In-distribution (upper bound)")]
+# The Med-MAT paper, Figure 4 (LLaVA-1.5-7B on real Med-MAT), in SCALEUP_ORDER without in-distribution.
+PAPER_SCALEUP = {"03": [47, 51, 73, 62, 58, 48, 76], "28": [30, 33, 46, 38, 37, 36, 42]}
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """params.yaml `report:` section (presentation only: changing it retrains nothing)."""
+
+    title: str = "MedMAT-CG: compositional generalisation study"
+    min_gain: float = 15.0        # points the mean gap should reach (printed beside the claim, not a test)
+    control_band: float = 5.0     # equivalence margin of the negative control (points)
+    n_boot: int = 2000            # bootstrap replicates per interval
+    bootstrap_seed: int = 0
+    dpi: int = 110
+    figure_width: float = 7.5
+
+
+def _acc(c: dict | None) -> str:
+    if not c:
+        return "n/a"
+    flag = " ⚠" if c.get("degenerate") else ""
+    return f"{c['acc']:.1f} [{c['lo']:.1f}, {c['hi']:.1f}]{flag}"
+
+
+def _gap(g: dict | None) -> str:
+    return "n/a" if not g else f"{g['gap']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}]"
+
+
+def _paper(p: dict | None, key: str) -> str:
+    return "-" if not p else f"{p[key]:g}"
+
+
+def _claim_line(h: dict[str, Any], cfg: ReportConfig) -> str:
+    if not h["rows"]:
+        return "no comparable rows"
+    verdict = "**supported**" if analysis.positive_claim(h) else "**NOT supported**"
+    return (f"mean gap Trained - Baseline+ over {h['rows']} rows = {h['gap']:+.1f} points "
+            f"(95% interval [{h['lo']:+.1f}, {h['hi']:+.1f}], two-stage bootstrap over seeds and test questions); "
+            f"Trained beats both Baseline and Baseline+ (the paper's convention) in {h['improves']} of {h['rows']} rows; "
+            f"gap interval above 0 in {h['significant']} of {h['rows']} rows. CG claim (most rows significant and the "
+            f"mean's interval above 0): {verdict}. Mean gap {'≥' if h['gap'] >= cfg.min_gain else '<'} "
+            f"{cfg.min_gain:g} points.")
+
+
+def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, control_designs_dir: str | None,
+                 search_dir: str | None, out_dir: str, cfg: ReportConfig,
+                 summary_path: str | None = None) -> dict[str, Any]:
+    nb, bs = cfg.n_boot, cfg.bootstrap_seed
+    main = read_world(runs_dir, designs_dir)
+    ctrl = read_world(control_runs_dir, control_designs_dir or designs_dir) if control_runs_dir else {}
+    search = load_search(search_dir)
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    rows, crows = analysis.table3(main, nb, bs), analysis.table3(ctrl, nb, bs)
+    h, hc = analysis.headline(rows, nb, bs), analysis.headline(crows, nb, bs)
+    control_ok = analysis.control_verdict(hc, cfg.control_band)
+
+    figures: list[str] = []
+    plots.write_csv(out / "plots" / "table3.csv", plots.table3_data(rows, "main") + plots.table3_data(crows, "entangled"),
+                    plots.TABLE3_FIELDS)
+    if rows:
+        plots.plot_table3(rows, crows, out / "table3.png", cfg.dpi, cfg.figure_width)
+        figures.append("table3.png")
+
+    # Figure 4: every scale-up arm a target ran, with its paper number
+    scale: dict[str, list[tuple[str, dict]]] = {}
+    scale_rows = []
+    for t, w in sorted(main.items()):
+        if not any(a.startswith("scaleup/") for a in w["arms"]):
+            continue
+        for i, (arm, name) in enumerate(SCALEUP_ORDER):
+            c = analysis.cell(w["arms"].get(arm), nb, bs)
+            if c:
+                scale.setdefault(t, []).append((name, c))
+                paper = PAPER_SCALEUP.get(t, [])
+                scale_rows.append({"arm": name, "target": t, "accuracy": c["acc"], "lo": c["lo"], "hi": c["hi"],
+                                   "paper": paper[i] if i < len(paper) else ""})
+    plots.write_csv(out / "plots" / "scaleup.csv", scale_rows, ["arm", "target", "accuracy", "lo", "hi", "paper"])
+    if scale:
+        plots.plot_bars(scale, out / "scaleup.png", cfg.dpi, cfg.figure_width, "scale-up")
+        figures.append("scaleup.png")
+
+    # limited target data: limited/<companion>_k<k>
+    curves: dict[str, dict[str, list[tuple[int, dict]]]] = {}
+    lim_rows = []
+    for t, w in sorted(main.items()):
+        for arm, a in w["arms"].items():
+            if not arm.startswith("limited/"):
+                continue
+            comp, _, k = arm.removeprefix("limited/").rpartition("_k")
+            c = analysis.cell(a, nb, bs)
+            curves.setdefault(t, {}).setdefault(comp, []).append((int(k), c))
+            lim_rows.append({"target": t, "companion": comp, "k": int(k), "accuracy": c["acc"], "lo": c["lo"],
+                             "hi": c["hi"]})
+    for comps in curves.values():
+        for pts in comps.values():
+            pts.sort(key=lambda x: x[0])
+    lim_rows.sort(key=lambda r: (r["target"], r["companion"], r["k"]))
+    plots.write_csv(out / "plots" / "limited.csv", lim_rows, ["target", "companion", "k", "accuracy", "lo", "hi"])
+    if curves:
+        plots.plot_limited(curves, out / "limited.png", cfg.dpi, cfg.figure_width)
+        figures.append("limited.png")
+    points = plots.search_points(search)
+    plots.write_csv(out / "plots" / "search.csv", points, ["target", "trial", "dev_accuracy", "best_so_far", "source"])
+    if plots.plot_search(points, out / "search_history.png", cfg.dpi, cfg.figure_width):
+        figures.append("search_history.png")
+
+    all_cells = {f"{r['target']}/{r['id']}/{k}": r[k] for r in rows + crows
+                 for k in ("baseline", "baseline_plus", "trained")}
+    caveats = analysis.caveats(rows, crows, all_cells, h, hc, cfg.control_band)
+
+    L: list[str] = [f"# {cfg.title}", "",
+                    "Generated by `medmat report` from the runs' predictions. Accuracies are percentages on each "
+                    "target's label-balanced **test** split: the mean over training seeds with a 95% interval from "
+                    "a two-stage bootstrap (seeds resampled, then test questions; inside [0, 100] by construction). "
+                    "Gaps are paired by seed and question. ⚠ marks a degenerate cell (see Caveats).", "",
+                    "## Headline", "", f"- **Main world**: {_claim_line(h, cfg)}"]
+    if crows:
+        L.append(f"- **Negative control (entangled world)**: mean gap {hc['gap']:+.1f} points over {hc['rows']} rows, "
+                 f"95% interval [{hc['lo']:+.1f}, {hc['hi']:+.1f}]; equivalence test (interval inside "
+                 f"±{cfg.control_band:g} points): **{'passed' if control_ok else 'NOT passed'}**.")
+    else:
+        L.append("- Negative control: no entangled-world runs found (experiment.control false?).")
+    L += ["", "## Table 3: the paper's rows beside ours", "",
+          "One row per combination run. Paper = LLaVA-1.5-7B on real Med-MAT (the Med-MAT paper, Table 3); ours = "
+          "this platform's model on this world. Gap = Trained - Baseline+ (paired two-stage bootstrap interval); "
+          "✓ = Trained beats both Baseline and Baseline+ (the paper's convention); * = the gap's interval excludes 0.", "",
+          "| target | direction | Related | paper row | paper B / B+ / T | Baseline | Baseline+ | Trained | gap (pts) | |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["paper"]
+        rel = ", ".join(f"{k} {v}" for k, v in r["members"].items()) or ", ".join(r["related"])
+        L.append(f"| {r['target']} {r['triplet']} | {DIRECTION_NAMES.get(r['direction'], r['direction'])} | {rel} | "
+                 f"{p['row'] if p else '-'} | {_paper(p, 'baseline')} / {_paper(p, 'baseline_plus')} / "
+                 f"{_paper(p, 'trained')} | {_acc(r['baseline'])} | {_acc(r['baseline_plus'])} | {_acc(r['trained'])} | "
+                 f"{_gap(r['gap'])}{'*' if r['significant'] else ''} | {'✓' if r['improves'] else '✗'} |")
+    if not rows:
+        L.append("| (no Related runs found) | | | | | | | | | |")
+    dropped = [f"- {t}: {d.get('id', '?')}: {d.get('reason', '')}" for t, w in sorted(main.items())
+               for d in w["index"].get("dropped", [])]
+    if dropped:
+        L += ["", "Designs that could not be built:", ""] + dropped
+    if crows:
+        L += ["", "## Negative control: the entangled world", "",
+              "Med-MAT-mini generated with `--entangled`: every (modality, area, task, label) has its own lesion look, "
+              "so no Related subset shows the target's look and Related data cannot help. It passes only if the "
+              "mean gap's interval lies inside the equivalence band.", "",
+              "| target | combination | Baseline+ | Trained | gap (pts) | main-world gap (pts) |", "|---|---|---|---|---|---|"]
+        main_gap = {(r["target"], r["id"]): r["gap"] for r in rows}
+        for r in crows:
+            L.append(f"| {r['target']} | {r['id']} | {_acc(r['baseline_plus'])} | {_acc(r['trained'])} | "
+                     f"{_gap(r['gap'])} | {_gap(main_gap.get((r['target'], r['id'])))} |")
+    if "table3.png" in figures:
+        L += ["", "![Table 3 gaps with intervals; x = the paper's gap](table3.png)"]
+    if scale:
+        ts = sorted(scale)
+        L += ["", "## Figure 4: scale-up (one total for every arm)", "",
+              "| arm | " + " | ".join(f"{t} (ours) | {t} (paper)" for t in ts) + " |", "|---|" + "---|---|" * len(ts)]
+        for i, (arm, name) in enumerate(SCALEUP_ORDER):
+            cols = []
+            for t in ts:
+                c = dict(scale[t]).get(name)
+                paper = PAPER_SCALEUP.get(t, [])
+                cols += [_acc(c), str(paper[i]) if i < len(paper) else "-"]
+            L.append(f"| {name} | " + " | ".join(cols) + " |")
+        L += ["", "![Scale-up bars](scaleup.png)"]
+    if curves:
+        L += ["", "## Limited target data", "",
+              "k of the target's own training records (never its dev or test records) added to the Related "
+              "companions or to the Unrelated (Baseline+) companions.", "",
+              "| target | k | with Related | with Unrelated |", "|---|---|---|---|"]
+        for t, comps in sorted(curves.items()):
+            for k in sorted({k for pts in comps.values() for k, _ in pts}):
+                get = lambda comp: _acc(dict(comps.get(comp, [])).get(k))  # noqa: E731
+                L.append(f"| {t} | {k} | {get('related')} | {get('unrelated')} |")
+        L += ["", "![Limited-data curves](limited.png)"]
+    L += ["", "## Mixture search (Optuna)", "",
+          "The objective is accuracy on a **dev split of the target's own training records**, disjoint from every "
+          "test split above. The best mixture is retrained with the study's seeds and tested like any arm.", ""]
+    if search:
+        L += ["| target | trials | best dev acc | best mixture | its test acc |", "|---|---|---|---|---|"]
+        for t, s in sorted(search.items()):
+            best = s.get("best") or {}
+            mix = ", ".join(f"{k}: {v}" for k, v in (best.get("components") or {}).items())
+            dev = best.get("dev_accuracy")
+            c = analysis.cell(main.get(t, {}).get("arms", {}).get("search_best"), nb, bs)
+            L.append(f"| {t} | {best.get('n_trials', len(s['history']))} | "
+                     f"{'-' if dev is None else f'{100 * dev:.1f}'} | {mix} | {_acc(c)} |")
+        if "search_history.png" in figures:
+            L += ["", "![Search history](search_history.png)"]
+    else:
+        L.append("No search outputs found.")
+    L += ["", "## Caveats (computed from the numbers above)", ""]
+    L += [f"- {c}" for c in caveats] or ["- none triggered."]
+    atomic_write_text(out / "report.md", "\n".join(L) + "\n")
+
+    def rnd(x: float) -> float | None:
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 2)
+
+    summary = {
+        "main_rows": h["rows"], "main_improves": h["improves"], "main_significant": h["significant"],
+        "main_mean_gap_pts": rnd(h["gap"]), "main_gap_ci95_pts": [rnd(h["lo"]), rnd(h["hi"])],
+        "main_claim_supported": analysis.positive_claim(h),
+        "control_rows": hc["rows"], "control_mean_gap_pts": rnd(hc["gap"]),
+        "control_gap_ci95_pts": [rnd(hc["lo"]), rnd(hc["hi"])], "control_equivalent": control_ok,
+        "degenerate_cells": sum(bool(c and c["degenerate"]) for c in all_cells.values()),
+        "max_trained_seed_sd": rnd(max((r["trained"]["sd_seeds"] for r in rows if r["trained"]
+                                        and not math.isnan(r["trained"]["sd_seeds"])), default=math.nan)),
+        "figures": figures,
+    }
+    if summary_path:
+        atomic_write_json(summary_path, summary)
+    atomic_write_json(out / "plots" / "summary.json", summary)
+    return summary
