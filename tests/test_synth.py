@@ -163,9 +163,9 @@ def test_entangled_world_differs_in_lesions_only(tmp_path, world):
     card_d = json.loads((root / "MEDMAT_MINI.json").read_text())
     card_e = json.loads((ent / "MEDMAT_MINI.json").read_text())
     assert card_d["datasets"] == card_e["datasets"]                      # same datasets, labels, counts
-    assert card_d["patterns"]["CT|COVID|COVID-19"] == card_d["patterns"]["X-ray|COVID|COVID-19"]
-    assert card_e["patterns"]["CT|COVID|COVID-19"] != card_e["patterns"]["X-ray|COVID|COVID-19"]
-    assert card_e["patterns"]["CT|COVID|Normal"] not in (None, card_e["patterns"]["CT|Cancer|Normal"])
+    assert card_d["patterns"]["CT|Lung|COVID|COVID-19"] == card_d["patterns"]["X-ray|Lung|COVID|COVID-19"]
+    assert card_e["patterns"]["CT|Lung|COVID|COVID-19"] != card_e["patterns"]["X-ray|Lung|COVID|COVID-19"]
+    assert card_e["patterns"]["CT|Lung|COVID|Normal"] not in (None, card_e["patterns"]["CT|Lung|Cancer|Normal"])
     img = "Original_Medical_Datasets/ori--05-train.json"
     assert (root / img).read_bytes() == (ent / img).read_bytes()         # same QA records
     r = read_records(root / img)[0]["image"]
