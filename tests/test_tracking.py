@@ -170,9 +170,10 @@ def test_parent_run_is_created_once_and_found_again_by_key(store):
     with tracking.tracked_run(store, run_name=f"{name} · seed 0", parent_run_id=parent) as seed0:
         tracking.log_metrics({"test_accuracy": 0.75})
     tracking.log_metrics({"cell_accuracy": 0.75, "nan": float("nan")}, run_id=parent, cfg=store)  # not reopened
+    tracking.log_metrics({"cell_n": 1}, run_id=parent)  # the store set up last, not the default one
     got = client(store).get_run(parent)
     assert got.info.run_name == name and got.info.status == "FINISHED"
-    assert got.data.tags["medmat.arm"] == "fixed_area-04-28/related" and got.data.metrics == {"cell_accuracy": 0.75}
+    assert got.data.tags["medmat.arm"] == "fixed_area-04-28/related" and got.data.metrics == {"cell_accuracy": 0.75, "cell_n": 1.0}
     assert client(store).get_run(seed0.info.run_id).data.tags["mlflow.parentRunId"] == parent
     client(store).delete_run(parent)  # a deleted parent is not reused
     assert tracking.parent_run(store, name, key="mini/03/fixed_area-04-28/related") != parent

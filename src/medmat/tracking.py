@@ -323,8 +323,8 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
                 cfg: TrackingConfig | None = None) -> None:
     """Metrics in one batch; non-finite values are skipped (MLflow rejects NaN in some stores).
 
-    Into the active run, or into run `run_id` of cfg's store without reopening it (a finished training
-    run gets its evaluation, a parent run its cell summary): one write, no start/end of the run."""
+    Into the active run, or into run `run_id` of cfg's store (None: the one set up last) without reopening
+    it (a finished run gets its evaluation, a parent run its cell summary): one write, no start/end."""
     import mlflow
 
     clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
@@ -335,7 +335,8 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
         return
     from mlflow.entities import Metric
 
-    _activate(cfg)
+    if cfg is not None:
+        _activate(cfg)
     now = int(time.time() * 1000)
     mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in clean.items()])
 
