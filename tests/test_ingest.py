@@ -370,6 +370,11 @@ def test_partial_download_is_one_warning_per_dataset(tmp_path, capsys):
     report = tmp_path / "validation.json"
     assert main(["validate", "--data", str(root), "--records", str(out), "--report", str(report),
                  "--params", str(tmp_path / "absent.yaml")]) == 0
+    # The severity stays the user's choice: a study that needs every dataset can make it fatal.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("validate:\n  severity: {ingest.images_missing: critical}\n", encoding="utf-8")
+    assert main(["validate", "--data", str(root), "--records", str(out), "--report", str(report),
+                 "--params", str(strict)]) == 1
 
 
 def test_discovery_says_what_it_ignored(tmp_path, capsys):
