@@ -262,3 +262,15 @@ def test_cli_legacy_shape(tmp_path, capsys):
     assert "legacy shape" in capsys.readouterr().out
     assert {(f.kind, f.split) for f in find_files(out)} == {(k, s) for k in ("dataset", "subset")
                                                           for s in ("train", "test")}
+
+
+def test_pipeline_entry_points_mark_the_world(tmp_path):
+    from medmat.data.ingest import ingest_world
+    from medmat.data.records import read_records, world_of
+
+    raw = {"synth": {"train_per_subset": 8, "test_per_subset": 4, "subsets": [5]}, "ingest": {"seed": 0}}
+    synth.generate_from_params(tmp_path / "data", raw, entangled=True)
+    assert json.loads((tmp_path / "data" / "MEDMAT_MINI.json").read_text())["entangled"] is True
+    ingest_world(tmp_path / "data", tmp_path / "records.parquet", raw)
+    assert world_of(tmp_path / "records.parquet") == "mini-entangled"
+    assert (read_records(tmp_path / "records.parquet").split == "test").sum() > 0

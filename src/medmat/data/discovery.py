@@ -121,9 +121,10 @@ def _file(root: Path, path: Path, rel: str, found: Discovery, seen: dict) -> Non
     if first != rel:
         found.ignored.append(Ignored(rel, f"the same file as {first} (a link)"))
         return
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(LFS_MAGIC))
+    try:  # non-blocking: a FIFO swapped in after the stat must not block discovery either
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.read(len(LFS_MAGIC)) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
     except OSError as exc:
         found.ignored.append(Ignored(rel, f"cannot be read ({exc.strerror or exc})", "file_unreadable"))
         return

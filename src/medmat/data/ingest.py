@@ -123,7 +123,7 @@ def ingest_to_parquet(data_root: str | os.PathLike, out: str | os.PathLike, para
         try:
             found = job.discover()
             for line in found.lines():
-                (echo or log.info)(f"ingest: {line}")
+                (echo or log.info)(_printable(f"ingest: {line}"))
             files = job.ordered(found.files)
             if not files:
                 job.problem("no_files", CRITICAL, ".", "no Med-MAT JSON files (ori--NN-train.json, "
@@ -241,6 +241,11 @@ def write_problems(path: str | os.PathLike, problems: list[dict], summary: Inges
     return atomic_write_json(path, doc, indent=2, ensure_ascii=False, default=str)
 
 
+def _printable(text: str) -> str:
+    """Control characters escaped: a file or path name from the data must not drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="data root of a Med-MAT tree")
@@ -275,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary.line())
     for p in problems[:5]:
         where = p["file"] + (f" record #{p['index']}" if p["index"] is not None else "")
-        print(f"  {p['severity']}: {p['check']}: {where}: {p['message']}"[:400])
+        print(_printable(f"  {p['severity']}: {p['check']}: {where}: {p['message']}")[:400])
     if len(problems) > 5:
         print(f"  ... {len(problems) - 5} more (medmat validate lists them; or ingest --problems FILE)")
     if not summary.records:
