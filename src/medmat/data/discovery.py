@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmat.data.json_records import LFS_MAGIC
-from medmat.data.medmat_format import FILE_PATTERNS, SPLITS, SourceFile
+from medmat.data.release_files import FILE_PATTERNS, SPLITS, SourceFile
 
 IMAGE_DIRS = {"med-mat"}   # casefolded names of folders holding images only
 

@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 
 from medmat.catalog import load_catalog
 from medmat.config import ConfigError, from_dict, load_params
-from medmat.data.ingest_core import CRITICAL, READ_SIDES, WARNING, Ingest, world_of_root
+from medmat.data.ingest_core import CRITICAL, READ_SIDES, WARNING, Ingest
 from medmat.data.ingest_output import OutputLocked, clean_stale_temps, output_lock, publish, temp_names
 from medmat.data.medmat_format import DEFAULT_TEST_FRACTION
 from medmat.data.records import (  # noqa: F401  (re-exported: older callers import them from here)
-    COLUMNS, DATA_ROOT_KEY, PROBLEMS_KEY, SCHEMA, SUMMARY_KEY, WORLD_KEY, read_records,
+    COLUMNS, DATA_ROOT_KEY, PROBLEMS_KEY, SCHEMA, SUMMARY_KEY, WORLD_KEY, read_records, world_of_root,
 )
 from medmat.data import records as _records
 from medmat.io import atomic_write_json

@@ -18,7 +18,6 @@ Partial downloads. A record whose image file is absent is left out; one warning 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -394,18 +393,4 @@ def _short(value: object, limit: int = 40) -> object:
         return value
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def world_of_root(root: Path) -> tuple[str, dict]:
-    """('mini' | 'mini-entangled' | 'medmat', marker) from the MEDMAT_MINI.json marker synth writes."""
-    marker = root / "MEDMAT_MINI.json"
-    try:
-        if not marker.is_file():
-            return "medmat", {}
-        card = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "medmat", {}
-    if not isinstance(card, dict):
-        return "medmat", {}
-    return ("mini-entangled" if card.get("entangled") else "mini"), card
 

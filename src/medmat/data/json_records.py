@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from medmat.data.medmat_format import FormatError
+from medmat.data.release_files import FormatError
 
 # Records are flat objects (one level); anything nested deeper than this is not a record.
 MAX_DEPTH = 32

@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from medmat.data.discovery import discover
+from medmat.data.json_records import load_records_strict
+from medmat.data.release_files import FILE_PATTERNS, SPLITS, FormatError, SourceFile  # noqa: F401 (re-exported)
 from medmat.io import atomic_write_text, default_file_mode  # noqa: F401  (re-exported for ingest)
 
 ORIGINAL_DIR = "Original_Medical_Datasets"
@@ -33,54 +35,10 @@ LETTERS = "ABCD"
 MAX_OPTIONS = len(LETTERS)
 # Key order of a public record (json.dump keeps dict order, so written files match the release).
 RECORD_KEYS = ("id", "caption", "image", "Question", "Answer", "Question-choice", "Answer-choice", "data-no")
-SPLITS = ("train", "test")
 # The paper's 9:1 split where a dataset has no split of its own.
 DEFAULT_TEST_FRACTION = 0.1
 
-# File names the release has used: `ori--NN`, `Ori--NN`, `Subset--NN`, `Subset-NN` (one hyphen).
-FILE_PATTERNS = {
-    "dataset": re.compile(r"^ori-{1,2}(\d+)-(train|test)\.json$", re.IGNORECASE),
-    "subset": re.compile(r"^subset-{1,2}(\d+)-(train|test)\.json$", re.IGNORECASE),
-}
 _DIR_OF = {"dataset": ORIGINAL_DIR, "subset": SUBSET_DIR}
-
-
-class FormatError(ValueError):
-    """A file or record that does not follow the public format; names the file and record."""
-
-    def __init__(self, message: str, file: str | os.PathLike | None = None, index: int | None = None,
-                 record_id: object = None, check: str = "format"):
-        # `check` names the kind of fault (encoding, json, file_structure, ...) for problem reports.
-        self.file, self.index, self.record_id, self.reason, self.check = file, index, record_id, message, check
-        where = []
-        if file is not None:
-            where.append(str(file))
-        if index is not None:
-            where.append(f"record #{index}" + (f" (id {record_id!r})" if record_id is not None else ""))
-        super().__init__(f"{': '.join(where)}: {message}" if where else message)
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One JSON file of the release: which side (dataset/subset), its number and split."""
-
-    path: Path       # absolute
-    rel: str         # relative to the data root, '/'-separated
-    kind: str        # "dataset" (ori--NN) or "subset" (Subset--NN)
-    number: int
-    split: str       # "train" or "test"
-
-    @property
-    def prefix(self) -> str:
-        """Record-id prefix: 'ori' for per-dataset files, 'sub' for subset files."""
-        return "ori" if self.kind == "dataset" else "sub"
-
-    def id_prefix(self, dataset_no: int) -> str:
-        """Table id prefix of a record of `dataset_no` in this file: `ori02-train-` in a dataset file,
-        `sub03-d04-train-` in a subset file (its datasets each restart their ids at 1)."""
-        if self.kind == "dataset":
-            return f"ori{self.number:02d}-{self.split}-"
-        return f"sub{self.number:02d}-d{dataset_no:02d}-{self.split}-"
 
 
 def file_name(kind: str, number: int, split: str) -> str:
@@ -102,8 +60,6 @@ def relative_path(kind: str, number: int, split: str) -> str:
 def find_files(data_root: str | os.PathLike, kinds: Iterable[str] = ("dataset", "subset")) -> list[SourceFile]:
     """The release's JSON files under `data_root`, sorted by (kind, number, split): every layout the
     release has used, matched by file name anywhere under the root (medmat.data.discovery)."""
-    from medmat.data.discovery import discover
-
     return [f for f in discover(data_root).files if f.kind in tuple(kinds)]
 
 
@@ -111,8 +67,6 @@ def read_records(path: str | os.PathLike, display: str | None = None) -> list[di
     """The records of one JSON file. Raises FormatError (naming the file, and the record where one is
     at fault) for unreadable bytes, non-UTF-8 text, malformed JSON, a top level that is not a list, a
     duplicated key or nesting too deep. Ingest reads files tolerantly (medmat.data.json_records)."""
-    from medmat.data.json_records import load_records_strict
-
     return load_records_strict(path, display)
 
 

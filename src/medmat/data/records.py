@@ -98,3 +98,18 @@ def read_records(path: str | os.PathLike, columns: list[str] | None = None) -> p
     df.attrs["data_root"] = str(root)
     df.attrs["world"] = world_of(path)
     return df
+
+
+def world_of_root(root: Path) -> tuple[str, dict]:
+    """('mini' | 'mini-entangled' | 'medmat', marker) from the MEDMAT_MINI.json marker synth writes."""
+    marker = root / "MEDMAT_MINI.json"
+    try:
+        if not marker.is_file():
+            return "medmat", {}
+        card = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "medmat", {}
+    if not isinstance(card, dict):
+        return "medmat", {}
+    return ("mini-entangled" if card.get("entangled") else "mini"), card
+
