@@ -25,9 +25,8 @@ little, as real ones do. Everything is keyed by (seed, names) through sha256, an
 fixed encoder settings and no metadata, so the same seed gives a byte-identical tree.
 
 `scale="full"` also writes full-scale metadata (about 2.36M records, the public viewer's count) whose
-image paths point at the mini images: a benchmark input for ingest/validate, JSON only.
-
-This module is the look of the world; medmat.data.synth_world writes it in the release's file shape.
+image paths point at the mini images: a benchmark input for ingest/validate, JSON only. (This module
+is the world's look; medmat.data.synth_world writes it in the release's file shape.)
 """
 
 from __future__ import annotations
@@ -386,12 +385,11 @@ def encode_png(arr: np.ndarray) -> bytes:
             + chunk(b"IEND", b""))
 
 
-# ------------------------------------------------------------------------------------------ world
-# The world writer (plans, record counts, the release's file shape, the CLI) is medmat.data.synth_world;
-# its names are served from here too, so `medmat.data.synth.generate` and `medmat synth` keep working.
-_WORLD_NAMES = {"SynthParams", "DatasetPlan", "plan_world", "labels_by_kind", "generate_dataset", "generate",
-                "generate_from_params", "world_card", "configure", "params_from_args", "run", "SHAPES",
-                "files_of_dataset", "subset_file", "test_fraction"}
+# The world writer (plans, counts, file shape, CLI) is medmat.data.synth_world; its names are served
+# from here too (a lazy import), so `medmat.data.synth.generate` and `medmat synth` keep working.
+_WORLD_NAMES = {"SynthParams", "DatasetPlan", "plan_world", "labels_by_kind", "generate_dataset", "generate", "SHAPES",
+                "generate_from_params", "world_card", "configure", "params_from_args", "run", "files_of_dataset",
+                "subset_file", "test_fraction"}
 
 
 def __getattr__(name: str):
@@ -399,8 +397,4 @@ def __getattr__(name: str):
         from medmat.data import synth_world
 
         return getattr(synth_world, name)
-    if name == "write_full_metadata":
-        from medmat.data.synth_full import write_full_metadata
-
-        return write_full_metadata
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
