@@ -26,7 +26,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     generate(root / "data", SynthParams(train_per_subset=150, test_per_subset=60, image_size=32), progress=False)
     ingest_to_parquet(root / "data", root / "records.parquet")
-    return pd.read_parquet(root / "records.parquet")
+    from medmat.data.records import read_records
+
+    return read_records(root / "records.parquet")  # adds image_path (the table keeps paths relative)
 
 
 def _test_rows(world, subsets):
@@ -60,12 +62,52 @@ def test_save_load_round_trip_and_unknown_words(world, tmp_path):
     assert again.score_options(rows) == backend.score_options(rows)  # eval mode: no augmentation
     assert again.generate(rows) == backend.generate(rows)
     assert set(again.generate(rows)) <= set("ABCD")
-    # A subset it never saw: words outside the vocabulary map to UNK and still score every option.
+    # A subset it never saw: words outside the vocabulary are scored by their character n-grams
+    # (the same buckets after a reload), never one shared UNK that would tie every unseen option.
     other = _test_rows(world, ["28"]).head(4).to_dict("records")
     unseen = {w for r in other for o in r["options"] for w in tokenize(o)} - set(backend.vocab)
     assert unseen, "subset 28 should bring words the model never saw"
     assert all(len(s) == len(r["options"]) for s, r in zip(again.score_options(other), other))
-    assert again._ids("zzzunseenword") == [again.vocab.index(UNK)]
+    ids = again._ids("zzzunseenword")
+    assert again.vocab.index(UNK) not in ids and all(i >= len(again.vocab) for i in ids)
+    assert ids == backend._ids("zzzunseenword") and ids != again._ids("otherunseenword")
+    w = again.model.words
+    emb = lambda text: w(torch.tensor(again._ids(text)), torch.tensor([0]))  # noqa: E731
+    assert not torch.allclose(emb("lung opacity"), emb("pneumonia"))  # two unseen labels, two vectors
+
+
+def test_untrained_model_has_no_preference(world):
+    """The paper's Baseline: every option scores the same, so the seeded tie-break guesses (never the
+    first option, never one favourite label) and accuracy is chance with its sampling noise."""
+    from medmat.evaluate import evaluate_backend
+
+    test_df = _test_rows(world, ["03", "28"]).reset_index(drop=True)
+    b = build(ModelConfig())
+    b.prepare_training(world[world["split"] == "train"])
+    scores = np.array([s for s in b.score_options(test_df.head(8).to_dict("records"))], dtype=object)
+    assert all(max(s) - min(s) < 1e-6 for s in scores)
+    preds = evaluate_backend(b, test_df, progress=False, seed=0).predictions
+    letters = {p["predicted_letter"] for p in preds}
+    labels = {p["predicted_text"] for p in preds}
+    assert len(letters) >= 3 and len(labels) >= 3
+
+
+def test_word_only_models_saved_before_ngrams_still_load(world, tmp_path):
+    import json
+
+    from medmat.models import BACKEND_FILE
+
+    train_df, _ = resolve_mixture(world, {"03": 20}, seed=1)
+    cfg = ModelConfig(tiny={"ngram_buckets": 0, "norm": "instance"})
+    res = train_model(TrainConfig(max_steps=2, checkpoint_every=0, progress=False), cfg, train_df)
+    res.backend.save(tmp_path / "m")
+    info_file = tmp_path / "m" / BACKEND_FILE
+    info = json.loads(info_file.read_text())
+    for key in ("ngram_buckets", "ngram_min", "ngram_max", "text_init_std", "norm"):
+        info["tiny"].pop(key)  # as written before these keys existed
+    info_file.write_text(json.dumps(info))
+    rows = _test_rows(world, ["03"]).head(4).to_dict("records")
+    assert load(tmp_path / "m").score_options(rows) == res.backend.score_options(rows)
 
 
 def test_images_are_decoded_once_per_run(world):
