@@ -513,6 +513,8 @@ def test_same_tree_in_two_checkouts_gives_identical_bytes(tmp_path):
     df = read_records(b)
     assert df.image_path.str.startswith(str(second.resolve())).all()
     assert all(Path(p).is_file() for p in df.image_path)
+    few = read_records(b, columns=["record_id", "image_path"])
+    assert list(few.columns) == ["record_id", "image_path"] and few.image_path.tolist() == df.image_path.tolist()
 
 
 def test_links_into_dvc_cache_are_accepted_others_escape(tmp_path):
