@@ -79,7 +79,7 @@ def peak_rss_mb() -> float:
 
 def bench_eval(df: pd.DataFrame, root: Path, batch_size: int) -> dict:
     from medmat import models
-    from medmat.evaluate import evaluate_backend
+    from medmat.scoring import evaluate_backend
 
     torch.manual_seed(0)
     backend = models.build({"backend": "tiny"}, root)
@@ -102,7 +102,7 @@ def bench_eval(df: pd.DataFrame, root: Path, batch_size: int) -> dict:
 def bench_tracking(tmp: Path, backend, runs: int, n_metrics: int) -> dict:
     import mlflow
 
-    from medmat import tracking
+    from medmat import served_model, tracking
 
     cfg = tracking.TrackingConfig(tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db",
                                   artifact_root=str(tmp / "mlruns" / "artifacts"), experiment="bench")
@@ -123,9 +123,9 @@ def bench_tracking(tmp: Path, backend, runs: int, n_metrics: int) -> dict:
             tracking.log_metrics({f"test_s{i:02d}_accuracy": 0.5 for i in range(n_metrics)})
             tracking.log_mixture(manifest, "untracked")
             if model == "example":
-                tracking.log_model(tmp / "model", input_example=True)
+                served_model.log_model(tmp / "model", input_example=True)
             elif model == "plain":
-                tracking.log_model(tmp / "model", input_example=False)
+                served_model.log_model(tmp / "model")
         return time.perf_counter() - t0
 
     one("example")  # first pyfunc log pays one-off imports and torch warm-up

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from medmat.config import ConfigError
-from medmat.evaluate import evaluate_backend
+from medmat.scoring import evaluate_backend
 from medmat.models import build, load
 from medmat.models.hf import DEFAULT_TARGET_MODULES, HFBackend, ModelPathError, build_hf, load_hf
 from medmat.models.tiny_hf import BUILDERS
@@ -173,7 +173,8 @@ def test_logged_pyfunc_model_answers_a_question(world, tmp_path):
     """MLflow model of an hf run = adapter + base reference; pyfunc.load_model answers like the backend."""
     import mlflow
 
-    from medmat.tracking import TrackingConfig, log_model, setup
+    from medmat.served_model import log_model
+    from medmat.tracking import TrackingConfig, setup
 
     root, df = world
     path = BUILDERS["llava"](tmp_path / "llava", seed=3)

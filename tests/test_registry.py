@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medmat import registry, tracking
+from medmat import registry, served_model, tracking
 
 from conftest import free_port, local_server, write_jpeg
 
@@ -72,7 +72,7 @@ def make_run(cfg, runs_root: Path, arm: str, seed: int, dev: float, test: float,
     tags = tracking.run_tags(target=triplet, arm=arm, backend=backend, seed=seed)
     with tracking.tracked_run(cfg, run_name=f"{target}/{arm}/seed{seed}", tags=tags) as run:
         if model is not None:
-            tracking.log_model(model, input_example=False)
+            served_model.log_model(model)
     tracking.write_run_id(run_dir, run.info.run_id)
     (run_dir / "manifest.json").write_text(json.dumps({"components": {"04": {"requested": 100, "selected": 100}}}))
     (run_dir / "metrics.json").write_text(json.dumps({

@@ -55,8 +55,8 @@ def test_mlflow_run_input_model_and_alias_in_postgres_and_s3(stack, tmp_path, mo
     import mlflow
     import pandas as pd
 
-    from medmat import tracking
-    from medmat.evaluate import evaluate_backend
+    from medmat import served_model, tracking
+    from medmat.scoring import evaluate_backend
     from medmat.services import s3_client
     from test_evaluate import make_world, train_tiny
 
@@ -71,7 +71,7 @@ def test_mlflow_run_input_model_and_alias_in_postgres_and_s3(stack, tmp_path, mo
     with tracking.tracked_run(cfg, run_name="related-seed0", tags={"medmat.arm": "related"}) as run:
         tracking.log_metrics({"test_accuracy": 0.75})
         tracking.log_mixture(manifest, "untracked")
-        model_uri = tracking.log_model(tmp_path / "model")
+        model_uri = served_model.log_model(tmp_path / "model")
     run_id = run.info.run_id
     client = mlflow.MlflowClient(stack.tracking_uri)
     version = mlflow.register_model(model_uri, "medmat-team-test").version
