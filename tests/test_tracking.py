@@ -51,6 +51,13 @@ def test_setup_creates_store_and_experiment_with_local_artifacts(store):
         f"http://localhost:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
 
 
+def test_sqlite_store_is_in_write_ahead_log_mode(store):
+    import sqlite3
+
+    db = store.tracking_uri[len("sqlite:///"):]
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 def test_setup_marks_an_existing_experiment_as_model_training(store):
     # made by an older medmat, or by hand, or tagged by the UI's own guess
     exp_id = client(store).create_experiment("made-elsewhere", tags={"mlflow.experimentKind": "genai_development"})
@@ -173,7 +180,8 @@ def test_parent_run_is_created_once_and_found_again_by_key(store):
     tracking.log_metrics({"cell_n": 1}, run_id=parent)  # the store set up last, not the default one
     got = client(store).get_run(parent)
     assert got.info.run_name == name and got.info.status == "FINISHED"
-    assert got.data.tags["medmat.arm"] == "fixed_area-04-28/related" and got.data.metrics == {"cell_accuracy": 0.75, "cell_n": 1.0}
+    assert got.data.tags["medmat.arm"] == "fixed_area-04-28/related"
+    assert got.data.metrics == {"cell_accuracy": 0.75, "cell_n": 1.0}
     assert client(store).get_run(seed0.info.run_id).data.tags["mlflow.parentRunId"] == parent
     client(store).delete_run(parent)  # a deleted parent is not reused
     assert tracking.parent_run(store, name, key="mini/03/fixed_area-04-28/related") != parent

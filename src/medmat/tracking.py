@@ -7,9 +7,8 @@ hash of the data tree), target triplet, arm, backend, seed. A cell's seed runs n
 run (`parent_run`). The logged model is the served model's concern: medmat.served_model.
 
 Many short runs are the normal case (arms × seeds × search trials), so per-run overhead is kept small:
-importing this module imports no MLflow (a process that only reads run ids pays nothing), the store and
-experiment are set up once per process, params and metrics are logged in batches, MLflow's chatter is
-silenced.
+importing this module imports no MLflow, the store is set up once per process (sqlite in WAL mode),
+params and metrics go in batches, MLflow's chatter is silenced.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -48,10 +48,8 @@ PARENT_KEY_TAG = TAG_PREFIX + "parent_key"
 # (GenAI by default) unless the link says otherwise: experiment_url() gives that link.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-# MLflow's own limits (mlflow.utils.validation): longer values are rejected, so we truncate.
-_MAX_PARAM_VALUE = 6000
-_MAX_TAG_VALUE = 8000
-_MAX_DIGEST = 36
+# MLflow's own limits (mlflow.utils.validation) on params, tags, dataset digests: longer is rejected.
+_MAX_PARAM_VALUE, _MAX_TAG_VALUE, _MAX_DIGEST = 6000, 8000, 36
 
 
 @dataclasses.dataclass
@@ -118,7 +116,12 @@ def _experiment_id(uri: str, artifact_root: str, experiment: str) -> str:
 
     with _store_lock(uri):
         client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
+        exp = client.get_experiment_by_name(experiment)  # creates (migrates) a new store first
+        if (db := _sqlite_path(uri)) is not None:
+            # A commit costs ~30 ms of fsyncs with sqlite's default journal, ~2 ms with write-ahead logging
+            # (a run makes ~10), and the UI's reads never block a writer. Kept in the file: set once.
+            with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
         if exp is None:
             # A local store gets its artifacts under artifact_root/<experiment> (an absolute file URI, so
             # the UI and other working directories find them); a server chooses its own artifact root.
@@ -303,17 +306,14 @@ def parent_run(cfg: TrackingConfig | None, run_name: str, key: str,
 
     if not key or "'" in key or "`" in key:
         raise ValueError(f"parent run key {key!r} must be non-empty, without quotes")
-    exp_id = _activate(cfg)
-    uri = mlflow.get_tracking_uri()
+    exp_id, uri = _activate(cfg), mlflow.get_tracking_uri()
     client = mlflow.MlflowClient(uri)
-    query = f"tags.`{PARENT_KEY_TAG}` = '{key}'"
     with _store_lock(uri):  # two processes opening the same cell must not create two parents
-        found = client.search_runs([exp_id], filter_string=query, max_results=1,
+        found = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_KEY_TAG}` = '{key}'", max_results=1,
                                    order_by=["attributes.start_time ASC"])
         if found:
             return found[0].info.run_id
-        all_tags = {k: str(v)[:_MAX_TAG_VALUE] for k, v in (tags or {}).items()}
-        all_tags[PARENT_KEY_TAG] = key
+        all_tags = {**{k: str(v)[:_MAX_TAG_VALUE] for k, v in (tags or {}).items()}, PARENT_KEY_TAG: key}
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
@@ -337,7 +337,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
 
     if cfg is not None:
         _activate(cfg)
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000)  # MLflow's timestamps are milliseconds
     mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in clean.items()])
 
 
