@@ -119,6 +119,9 @@ def test_severity_and_distance_are_params(world):
     assert report["params"]["phash_distance"] == 0
     assert all("within 0 of 64 bits" in f["message"] for f in near.values())   # only identical hashes
     assert ids["exact"][0] not in near
+    code, report = pipeline(world, params={"phash_distance": -1})   # exact copies only
+    assert "near_duplicate" not in failing(report) and report["duplicates"]["near"] == []
+    assert failing(report)["cross_subset_duplicate"]["failed"] == 2
 
 
 # ---- the index itself ------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from medmat.validate.checks import NOT_CHECKED, OK, ValidateParams
-from medmat.validate.image_checks import LEXICAL_ESCAPE
 from medmat.validate.leakage import group_name
 
 INDEX_COLUMNS = ["record_id", "source_file", "_row"]
@@ -69,8 +68,7 @@ def rules(vocab: dict[str, list[str]], params: ValidateParams, frame: pd.DataFra
         Rule("answer_letter_in_options", gxe.ExpectColumnValuesToNotBeNull(column="answer_option"),
              lambda r: f"answer letter {r['answer_letter']!r} names none of the record's {r['n_options']} options"),
         Rule("answer_matches_option",
-             gxe.ExpectColumnPairValuesToBeEqual(column_A="answer_text", column_B="answer_option",
-                                                 ignore_row_if="either_value_is_missing"),
+             gxe.ExpectColumnValuesToBeInSet(column="answer_matches_option", value_set=[True]),
              lambda r: f"answer {r['answer_text']!r} differs from option {r['answer_letter']} "
                        f"{r['answer_option']!r}"),
         Rule("option_count",
@@ -83,11 +81,11 @@ def rules(vocab: dict[str, list[str]], params: ValidateParams, frame: pd.DataFra
              gxe.ExpectColumnValuesToBeInSet(column="answer_in_label_set", value_set=[True]),
              lambda r: f"answer {r['answer_text']!r} is offered as an option by no other record of "
                        f"{group_name(r['_group'])} ({r['_group_size']} records): not one of its labels"),
-        Rule("record_id_unique", gxe.ExpectColumnValuesToBeUnique(column="record_id"),
-             lambda r: f"record id {r['record_id']!r} occurs more than once",
-             candidates=lambda f: f["record_id"].duplicated(keep=False).to_numpy()),
+        Rule("record_id_unique", gxe.ExpectColumnValuesToBeInSet(column="record_id_count", value_set=[1]),
+             lambda r: f"record id {r['record_id']!r} occurs {r['record_id_count']} times",
+             candidates=lambda f: f["record_id_count"].to_numpy() > 1),
         Rule("image_path_confined",
-             gxe.ExpectColumnValuesToNotMatchRegex(column="image", regex=LEXICAL_ESCAPE),
+             gxe.ExpectColumnValuesToBeInSet(column="image_lexical_escape", value_set=[False]),
              lambda r: f"image path {r['image']!r} is absolute or contains '..'; it must stay inside the data root"),
         Rule("image_path_confined",
              gxe.ExpectColumnValuesToBeInSet(column="image_link_escapes", value_set=[False]),
@@ -121,7 +119,7 @@ def rules(vocab: dict[str, list[str]], params: ValidateParams, frame: pd.DataFra
 
 def balance_frame(f: pd.DataFrame, labels: dict[int, list[str]]) -> pd.DataFrame:
     """One row per test set (subset, or dataset without one): label counts and largest/smallest ratio."""
-    test = f[f["split"] == "test"]
+    test = f.loc[(f["split"] == "test").to_numpy(), ["_group", "answer_text", "source_file"]]
     rows = []
     for group, g in test.groupby("_group", sort=True):
         answers = g["answer_text"].astype(object)
@@ -160,21 +158,18 @@ class GXEngine:
         return self.batches.get_batch(batch_parameters={"dataframe": df})
 
     def counts(self, df: pd.DataFrame, rules: list[Rule]) -> list[tuple[bool, int, int]]:
-        """(success, unexpected count, element count) per rule, over the whole frame."""
-        if not rules:
-            return []
-        self._n += 1
-        suite = self.gx.ExpectationSuite(name=f"medmat_{self._n}")
-        for i, rule in enumerate(rules):
-            # GX does not keep the suite's order in its results: tag each copy with its rule.
-            suite.add_expectation(rule.expectation.__class__(**rule.expectation.configuration.kwargs,
-                                                             meta={"rule": i}))
-        result = self.batch(df).validate(suite, result_format="BASIC")
-        out: list = [None] * len(rules)
-        for res in result.results:
+        """(success, unexpected count, element count) per rule, over the whole frame.
+
+        One rule at a time, on only the columns it reads: GX keeps every metric of a suite until the
+        suite is done and copies the domain of some (a pair expectation drops the rows it ignores), so
+        at 2.4M rows a suite of all rules held ~750 MB more than one rule does (~100 MB)."""
+        out = []
+        for rule in rules:
+            kw = rule.expectation.configuration.kwargs
+            columns = list(dict.fromkeys(kw[k] for k in ("column", "column_A", "column_B") if k in kw))
+            res = self.batch(df[columns]).validate(rule.expectation, result_format="BASIC")
             r = res.result or {}
-            out[res.expectation_config.meta["rule"]] = (
-                bool(res.success), int(r.get("unexpected_count") or 0), int(r.get("element_count") or len(df)))
+            out.append((bool(res.success), int(r.get("unexpected_count") or 0), int(r.get("element_count") or len(df))))
         return out
 
     def listed_rows(self, df: pd.DataFrame, rule: Rule, unexpected: int, cap: int) -> list[int]:

@@ -19,8 +19,8 @@ OK, NOT_CHECKED, ABSENT = "ok", "not checked", "absent"
 LEXICAL_ESCAPE = r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
 
 
-def _paths(uniques: np.ndarray, data_root: str | os.PathLike) -> tuple[np.ndarray, list[str | None]]:
-    """(escapes through a link, resolved path or None) per distinct image path.
+def _paths(uniques: np.ndarray, data_root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(absolute or '..', escapes through a link, resolved path or None) per distinct image path.
 
     Resolves each directory once and only the files that are links themselves: resolve_image_path
     resolves the root and every component per call (~0.6 ms an image, minutes at the release's ~1M
@@ -45,7 +45,7 @@ def _paths(uniques: np.ndarray, data_root: str | os.PathLike) -> tuple[np.ndarra
             paths.append(None)
         else:
             paths.append(real)
-    return escapes, paths
+    return lexical.astype(bool), escapes, paths
 
 
 def _exists(p: str) -> str:
@@ -64,7 +64,7 @@ def _exists(p: str) -> str:
 def image_columns(images: pd.Series, sha: pd.Series, phash: pd.Series | None, data_root: str | os.PathLike,
                   mode: str, workers: int, progress: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(code per record, then per distinct image path: link escapes, status, perceptual hash).
+    """(code per record, then per distinct image path: absolute or '..', link escapes, status, perceptual hash).
 
     status: OK, NOT_CHECKED (mode skip), ABSENT (no file at the path) or what is wrong with the image.
     The perceptual hash is the table's `image_phash` where it has one, else computed from the image
@@ -74,7 +74,7 @@ def image_columns(images: pd.Series, sha: pd.Series, phash: pd.Series | None, da
     from medmat.data.images import ImageError, load_image, phash_of_image
 
     codes, uniques = codes_of(images)
-    escapes, paths = _paths(uniques, data_root)
+    lexical, escapes, paths = _paths(uniques, data_root)
     status = np.full(len(uniques), NOT_CHECKED, dtype=object)
     hashes = np.full(len(uniques), "", dtype=object)
     if phash is not None:
@@ -112,7 +112,7 @@ def image_columns(images: pd.Series, sha: pd.Series, phash: pd.Series | None, da
             for i in members:
                 status[i] = result
                 hashes[i] = hashes[i] or h
-    return codes, escapes, status, hashes
+    return codes, lexical, escapes, status, hashes
 
 
 def codes_of(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:

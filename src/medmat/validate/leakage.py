@@ -124,7 +124,7 @@ def near_partners(sha_code: np.ndarray, phash_code: np.ndarray, phash_values: np
     partner = np.full(n, NONE, dtype=np.int64)
     dist = np.full(n, -1, dtype=np.int64)
     known = (sha_code >= 0) & (phash_code >= 0)
-    if not known.any():
+    if max_distance < 0 or not known.any():   # -1: near duplicates not looked for
         return partner, dist
     rows = np.flatnonzero(known)
     value_code, used = pd.factorize(phash_code[rows])
