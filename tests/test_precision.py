@@ -106,3 +106,24 @@ def test_an_update_of_lr_5e6_is_lost_on_bf16_weights_and_kept_on_fp32():
     lost = ((w.bfloat16() - step.bfloat16()) == w.bfloat16()).float().mean().item()
     kept = ((w - step) != w).float().mean().item()
     assert lost > 0.9 and kept == 1.0
+
+
+def test_gpu_benchmark_smoke_times_the_bare_loop_and_ours_side_by_side(tmp_path):
+    """bench/gpu_lora_qwen2vl.py --smoke (CPU, tiny shape): both loops on the same model and batches,
+    and their ratio, in one run. (On a GPU the same script gives the figures of docs/scale-out.md.)"""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_bench", Path(__file__).resolve().parents[1] / "bench" / "gpu_lora_qwen2vl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "smoke.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    loops = {r["loop"]: r for r in report["results"]}
+    assert set(loops) == {"bare", "medmat"}
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and np.isfinite(r["final_loss"])
+               for r in loops.values())
+    (ratio,) = report["ratio_medmat_over_bare"]
+    assert ratio["batch_size"] == 2 and ratio["samples_per_s"] > 0

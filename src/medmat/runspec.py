@@ -46,13 +46,20 @@ class ExperimentConfig:
     # `train:` keys overridden for every unit; validated as `train:` keys (a typo is an error).
     train_overrides: dict = dataclasses.field(default_factory=dict)
     workers: int = 2  # units trained in parallel processes (1 torch thread each)
-    executor: str = "local"  # local: a process pool on this machine
+    executor: str = "local"  # local: a process pool on this machine; ray: Ray tasks (medmat.ray_executor)
+    # executor ray: "" = a local Ray on this machine, "auto" = the cluster this node belongs to,
+    # "ray://head:10001" = a remote cluster (docs/scale-out.md). Each unit asks Ray for these resources.
+    ray_address: str = ""
+    ray_cpus_per_unit: float = 1
+    ray_gpus_per_unit: float = 0
 
     def __post_init__(self):
         if not (self.combinations in ("paper", "all") or isinstance(self.combinations, list)):
             raise ValueError(f"combinations must be 'paper', 'all' or a list of ids, got {self.combinations!r}")
-        if self.executor not in ("local",):
-            raise ValueError(f"executor must be 'local', got {self.executor!r}")
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if float(self.ray_cpus_per_unit) <= 0 or float(self.ray_gpus_per_unit) < 0:
+            raise ValueError("ray_cpus_per_unit must be > 0 and ray_gpus_per_unit >= 0")
         if int(self.workers) < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 

@@ -1,0 +1,150 @@
+"""The study's units as Ray tasks on a local Ray cluster of two worker nodes (127.0.0.1 only).
+
+Each node offers one CPU and one `gpu_slot`, a custom resource standing for a GPU; every unit asks for
+one slot, so two units run at once, one per node. The same units run through the in-process
+executor give byte-identical predictions; a finished unit is never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Loopback only: Ray otherwise rewrites 127.0.0.1 in a cluster address to this machine's network
+# address. This switch (read when ray is imported) makes every Ray process use 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(300)  # a Ray that cannot start must fail the test, not hang it
+
+SEEDS = (0, 1)
+
+
+def build_tiny_study(root: Path, steps: int = 30, seeds=SEEDS):
+    """A tiny real world under `root`: Med-MAT-mini (3 subsets, 16 px), ingested, a Related mixture of
+    the CT-Lung-COVID target (04 + 28) and its dev split; returns the run specs of Baseline and
+    Related x `seeds`, with paths relative to `root` (run them with `root` as working directory)."""
+    from medmat.data.ingest import ingest_to_parquet
+    from medmat.data.records import read_records
+    from medmat.data.synth import SynthParams, generate
+    from medmat.mixture import resolve_mixture, save_manifest
+    from medmat.runspec import RunSpec, load_study_params
+
+    generate(root / "data", SynthParams(train_per_subset=40, test_per_subset=20, image_size=16, subsets=[3, 4, 28]),
+             progress=False)
+    ingest_to_parquet(root / "data", root / "work" / "records.parquet", progress=False)
+    params = {
+        "model": {"backend": "tiny", "tiny": {"image_size": 16, "channels": [8, 16], "embed_dim": 32}},
+        "train": {"max_steps": steps, "batch_size": 16, "lr": 0.01, "warmup_steps": 2, "eval_every": 0,
+                  "checkpoint_every": 0, "progress": False},
+        "evaluate": {"batch_size": 64},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db", "artifact_root": str(root / "mlruns/art")},
+        "experiment": {"seeds": list(seeds), "workers": 1},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    study = load_study_params(root / "params.yaml")
+    table = read_records(root / "work" / "records.parquet")
+    save_manifest(root / "work" / "related.json", resolve_mixture(table, {"components": {"04": 40, "28": 40}}, seed=0)[1])
+    save_manifest(root / "work" / "dev.json", resolve_mixture(table, {"components": {"03": 10}}, seed=0)[1])
+
+    def specs(runs_root: str):
+        return [RunSpec(target="03", triplet="CT-Lung-COVID", subset_no=3, arm=arm, seed=s,
+                        records="work/records.parquet", run_dir=f"{runs_root}/03/{arm}/seed{s}", params=study,
+                        manifest=manifest, dev_manifest="work/dev.json")
+                for arm, manifest in (("baseline", None), ("fixed_area-04-28/related", "work/related.json"))
+                for s in seeds]
+
+    return specs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rayworld")
+    return root, build_tiny_study(root)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A head and one more node, each 1 CPU + 1 gpu_slot, small object stores, loopback only."""
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "resources": {"gpu_slot": 1}, "object_store_memory": 80 << 20,
+            "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _predictions(root: Path, run_dir: str) -> str:
+    return (root / run_dir / "predictions.jsonl").read_text()
+
+
+def test_units_land_on_both_nodes_and_match_the_in_process_executor(world, two_node_cluster, monkeypatch):
+    from medmat.ray_executor import run_units_ray
+    from medmat.unit import run_units
+
+    root, specs = world
+    monkeypatch.chdir(root)
+    local = run_units(specs("runs_local"), workers=1)
+    on_ray = run_units_ray(specs("runs_ray"), num_cpus_per_unit=1, resources={"gpu_slot": 1})
+
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    assert {r["ray_node_id"] for r in on_ray} == nodes  # both workers took units
+    for a, b, spec_a, spec_b in zip(local, on_ray, specs("runs_local"), specs("runs_ray")):
+        assert (a["arm"], a["seed"]) == (b["arm"], b["seed"])
+        for key in ("accuracy", "ci95", "n", "dev_accuracy", "per_subset"):
+            assert a[key] == b[key], key
+        assert _predictions(root, spec_a.run_dir) == _predictions(root, spec_b.run_dir)
+    # the untrained Baseline and the trained arm differ: the comparison above is not vacuous
+    baseline0, related0 = specs("runs_local")[0], specs("runs_local")[len(SEEDS)]
+    assert (baseline0.arm, related0.arm) == ("baseline", "fixed_area-04-28/related")
+    assert _predictions(root, baseline0.run_dir) != _predictions(root, related0.run_dir)
+
+
+def test_a_finished_unit_is_not_run_again(world, two_node_cluster, monkeypatch):
+    from medmat.ray_executor import dispatch, run_units_ray
+    from medmat.unit import UNIT_FILE
+
+    root, specs = world
+    monkeypatch.chdir(root)
+    first = run_units_ray(specs("runs_again"), resources={"gpu_slot": 1})
+    stamps = {s.run_dir: os.stat(Path(s.run_dir) / UNIT_FILE).st_mtime_ns for s in specs("runs_again")}
+    again = run_units_ray(specs("runs_again"), resources={"gpu_slot": 1})
+    assert all("ray_node_id" not in r for r in again)  # answered by the driver, no task started
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in first]
+    assert stamps == {s.run_dir: os.stat(Path(s.run_dir) / UNIT_FILE).st_mtime_ns for s in specs("runs_again")}
+    # the params switch (experiment.executor: ray) reaches the same executor
+    exp = specs("runs_again")[0].params.experiment
+    if hasattr(exp, "ray_address"):
+        exp.executor = "ray"
+        assert [r["accuracy"] for r in dispatch(specs("runs_again"), exp)] == [r["accuracy"] for r in first]
+    # and a changed setting is a different unit: it runs
+    changed = specs("runs_again")[:1]
+    changed[0].seed = 7
+    (out,) = run_units_ray(changed, resources={"gpu_slot": 1})
+    assert "ray_node_id" in out and out["seed"] == 7
+
+
+@pytest.mark.slow
+def test_bench_ray_smoke(tmp_path):
+    """bench/bench_ray.py runs end to end (2 short units) and finds the same predictions on both executors."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_ray.py"
+    res = subprocess.run([sys.executable, str(bench), "--smoke", "--json", str(out)], capture_output=True,
+                         text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["same_predictions"] and report["local_1_worker_s"] > 0 and report["ray_2_workers_s"] > 0
