@@ -302,3 +302,18 @@ def test_label_absent_from_test_set_is_reported(world):
     sub3 = next(b for b in report["test_label_balance"] if b["test_set"] == "subset 03")
     assert sub3["counts"]["Normal"] == 0 and sub3["largest_to_smallest"] is None
     assert "'Normal': 0" in failing(report)["test_label_balance"]["failures"][0]["message"]
+
+
+def test_missing_image_folder_is_one_warning_and_validate_passes(world):
+    # A partial download: dataset 4's images were never fetched (its source needs registration).
+    shutil.rmtree(world / "med-mat" / "d4")
+    code, report = pipeline(world)
+    assert code == 0 and report["passed"], failing(report)
+    bad = failing(report)
+    assert set(bad) == {"ingest.images_missing"}, sorted(bad)
+    (hit,) = bad["ingest.images_missing"]["failures"]          # one finding for the dataset, not 10
+    assert bad["ingest.images_missing"]["severity"] == "warning" and "4" in hit["message"]
+    assert report["records"] == sum(len(v) * sum(PER_LABEL.values()) for d, v in WORLD.items() if d != 4)
+    # ... and a user who wants a hard gate makes it critical.
+    code, _ = validate(world, params={"severity": {"ingest.images_missing": "critical"}})
+    assert code == 1
