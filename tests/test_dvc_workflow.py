@@ -76,7 +76,7 @@ def unit_files(root: Path) -> dict[str, int]:
 
 
 def test_killed_repro_keeps_its_finished_units(project):
-    cmd = [sys.executable, "-m", "dvc", "repro", "study@03"]
+    cmd = [sys.executable, "-m", "dvc", "repro", "study"]
     log = project / "killed-repro.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=out, stderr=subprocess.STDOUT,
@@ -91,7 +91,7 @@ def test_killed_repro_keeps_its_finished_units(project):
             proc.wait()
     finished = unit_files(project)
     assert len(finished) >= 2, "the stage finished no unit before it was killed"
-    sh(sys.executable, "-m", "dvc", "repro", "study@03", cwd=project)
+    sh(sys.executable, "-m", "dvc", "repro", "study", cwd=project)
     after = unit_files(project)
     kept = {k: v for k, v in finished.items() if after.get(k) == v}
     assert kept == finished, "units finished before the kill were run again"
@@ -101,7 +101,7 @@ def test_killed_repro_keeps_its_finished_units(project):
 
 
 def test_metrics_show_is_one_short_line_per_cell(project):
-    sh(sys.executable, "-m", "dvc", "repro", "study@03", cwd=project)
+    sh(sys.executable, "-m", "dvc", "repro", "study", cwd=project)
     out = sh(sys.executable, "-m", "dvc", "metrics", "show", cwd=project).stdout
     lines = [ln for ln in out.splitlines() if "work/metrics/main/03" in ln]
     assert lines and all(len(ln) <= 120 for ln in lines), out

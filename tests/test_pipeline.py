@@ -172,9 +172,9 @@ def test_study_runs_every_unit_tracks_it_and_resumes(small_study):
     from medmat.pipeline import run_study
 
     root = small_study
-    kw = dict(target="3", params=str(root / "params.yaml"), records=str(root / "records.parquet"),
+    kw = dict(targets=["3"], params=str(root / "params.yaml"), records=str(root / "records.parquet"),
               designs_dir=str(root / "designs"), runs_root=str(root / "runs"), metrics_root=str(root / "metrics"))
-    cells = run_study(**kw)
+    cells = run_study(**kw)["03"]
     combos = json.loads((root / "designs" / "03" / "index.json").read_text())["combinations"]
     assert combos, "the tiny world builds no Table-3 combination for target 03"
     assert set(cells) == {"baseline"} | {f"{c['id']}/{a}" for c in combos for a in c["arms"]}
@@ -202,5 +202,5 @@ def test_study_runs_every_unit_tracks_it_and_resumes(small_study):
                                            filter_string=f"source_run_id = '{base_run.info.run_id}'")
     # a rerun answers every unit from its folder
     stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("metrics.json")}
-    assert run_study(**kw) == cells
+    assert run_study(**kw)["03"] == cells
     assert {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("metrics.json")} == stamps

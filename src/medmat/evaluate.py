@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from pathlib import Path
 
 from medmat.scoring import SCORERS, EvalConfig, evaluate_backend, write_outputs
@@ -59,14 +58,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def select_records(records_path: str, target: int | None, split: str, manifest: str | None):
     """(records selected for evaluation, data root of the table, the whole table)."""
     import pandas as pd
-    import pyarrow.parquet as pq
+
+    from medmat.data.records import data_root_of, read_records
 
     path = Path(records_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: records table not found (run `medmat ingest` first)")
-    df = pd.read_parquet(path)
-    meta = pq.read_schema(path).metadata or {}
-    data_root = (meta.get(b"medmat.data_root") or b"").decode() or None
+    df = read_records(path)
     for col in ("record_id", "subset_no", "split", "options", "answer_letter"):
         if col not in df.columns:
             raise ValueError(f"{path}: records table lacks column {col!r}")
@@ -83,16 +81,7 @@ def select_records(records_path: str, target: int | None, split: str, manifest: 
             raise ValueError(
                 f"{path}: no records of subset {int(target):02d} in split {split!r} (splits present: {splits})"
             )
-    return sel, data_root, df
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    return sel, str(data_root_of(path)), df
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
             if untrained and not args.no_log_model:
                 # The untrained model exists only in memory: save it so the run holds a loadable model.
                 backend.save(out / "model")
-                tracking.log_model(out / "model")
+                from medmat.served_model import log_model
+
+                log_model(out / "model")
     except Exception as exc:  # the metrics are on disk; say clearly that only tracking failed
         log.error("evaluation written to %s, but logging to MLflow run %s failed: %s", out, run_id or "(new)", exc)
         return 3
@@ -181,13 +172,7 @@ def _backend_for(args: argparse.Namespace, data_root: str | None, table):
     params = config.load_params(params_file)
     seed = args.seed if args.seed is not None else int((params.get("base") or {}).get("seed", 0))
     model_cfg = config.from_dict(models.ModelConfig, params.get("model"), where=f"{params_file}: section 'model'")
-    _seed_everything(seed)
-    backend = models.build(model_cfg, data_root)
-    if hasattr(backend, "prepare_training"):
-        # Built exactly as training would build it (the tiny backend's vocabulary comes from the
-        # training records), then not trained: the untrained model of the same architecture.
-        train = table[table["split"] == "train"]
-        backend.prepare_training(train if len(train) else table)
+    backend = models.build_untrained(model_cfg, table, seed=seed, data_root=data_root)
     return backend, str(getattr(model_cfg, "backend", "unknown")), seed
 
 

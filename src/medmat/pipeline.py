@@ -1,8 +1,8 @@
 """The study stages: every unit (arm x seed) of one target on one world, run from typed run specs.
 
-    python -m medmat.pipeline study --target 03                  # main world (work/runs/03/...)
-    python -m medmat.pipeline study --target 03 --world control  # the entangled negative control
-    python -m medmat.pipeline best --target 03                   # the search's best mixture, retrained
+    python -m medmat.pipeline study [--target 03]                # main world (work/runs/<target>/...)
+    python -m medmat.pipeline study --world control              # the entangled negative control
+    python -m medmat.pipeline best                               # each search's best mixture, retrained
     python -m medmat.pipeline control-data                       # the control world (medmat.control)
 
 `plan_units` turns the target's designs (work/designs/<target>/index.json) and params.yaml into one
@@ -13,9 +13,10 @@ runs them in worker processes; finished units are answered from their folders, s
 nested, and writes one compact DVC metrics file: work/metrics/<world>/<target>/<arm>.json =
 {acc, lo, hi, n, degenerate} (accuracy in %, 95% t-interval over seeds).
 
-Why one DVC stage per target (not per target x arm x seed): a fresh process costs 3-5 s of imports on
-2 cores, as much as training the tiny model once, and every extra stage slows `dvc repro`'s no-op
-check; inside the stage, units are the unit of resumption and of parallelism.
+Why one DVC stage for all targets (not one per target, nor per target x arm x seed): a fresh process
+costs 3-5 s of imports on 2 cores (torch, MLflow's store, torch._dynamo for the optimiser), as much as
+training the tiny model once, and every extra stage slows `dvc repro`'s no-op check. Inside the stage,
+the unit is what resumes and what runs in parallel, so a new target or seed runs only its own units.
 """
 
 from __future__ import annotations
@@ -130,10 +131,13 @@ def _parent_runs(specs: list[RunSpec]) -> None:
         s.parent_run_id = parents[key]
 
 
-def run_study(*, target: str, world: str = "main", params: str = "params.yaml", records: str | None = None,
-              designs_dir: str | None = None, runs_root: str | None = None,
-              metrics_root: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every unit of `target` on `world` (main | control); writes and returns the compact cell metrics."""
+def run_study(*, targets: list | None = None, world: str = "main", params: str = "params.yaml",
+              records: str | None = None, designs_dir: str | None = None, runs_root: str | None = None,
+              metrics_root: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every unit of the targets (default: experiment.targets) on `world` (main | control), run as one
+    pool so both cores stay busy across targets; writes and returns the compact cell metrics
+    {target: {arm: cell}}. Targets no longer in the study lose their metrics (their runs stay, so a
+    target brought back is not retrained)."""
     study = load_study_params(params)  # first: a params problem stops before anything heavy is imported
     from medmat.data.records import world_of
     from medmat.ray_executor import dispatch
@@ -141,22 +145,30 @@ def run_study(*, target: str, world: str = "main", params: str = "params.yaml", 
     d_records, d_designs, d_runs, d_metrics = WORLDS[world]
     records, designs_dir = records or d_records, designs_dir or d_designs
     runs_root, metrics_root = runs_root or d_runs, metrics_root or d_metrics
-    target = norm_target(target)
+    labels = [norm_target(t) for t in (targets if targets is not None else study.experiment.targets)]
     if world == "control" and not study.experiment.control:
-        return _write_cells({}, metrics_root, target, note="experiment.control is false")
-    specs = plan_units(study, target=target, records=records, designs_dir=designs_dir, runs_root=runs_root,
-                       world=world_of(records), data_version=data_version_of(records),
-                       main_world=world == "main")
+        return _write_cells({}, metrics_root, note="experiment.control is false")
+    specs = [spec for t in labels
+             for spec in plan_units(study, target=t, records=records, designs_dir=designs_dir, runs_root=runs_root,
+                                    world=world_of(records), data_version=data_version_of(records),
+                                    main_world=world == "main")]
     _parent_runs(specs)
     primaries, same_as = identical_units(specs)
     done = dict(zip(primaries, dispatch([specs[i] for i in primaries], study.experiment)))
     results = [done[i] if i in done else share_result(specs[i], specs[same_as[i]], done[same_as[i]])
                for i in range(len(specs))]
-    cells: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
+    return _write_cells(summarise_cells(specs, results), metrics_root)
+
+
+def summarise_cells(specs: list[RunSpec], results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{target: {arm: compact cell metrics}} from the units' results."""
+    cells: dict[tuple[str, str], list[tuple[RunSpec, dict[str, Any]]]] = {}
     for spec, metrics in zip(specs, results):
-        cells.setdefault(spec.arm, []).append((spec, metrics))
-    return _write_cells({arm: cell_summary([s for s, _ in sm], [m for _, m in sm]) for arm, sm in cells.items()},
-                        metrics_root, target)
+        cells.setdefault((spec.target, spec.arm), []).append((spec, metrics))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (target, arm), members in cells.items():
+        out.setdefault(target, {})[arm] = cell_summary([s for s, _ in members], [m for _, m in members])
+    return out
 
 
 def identical_units(specs: list[RunSpec]) -> tuple[list[int], dict[int, int]]:
@@ -195,53 +207,55 @@ def share_result(spec: RunSpec, source: RunSpec, metrics: dict[str, Any]) -> dic
     return out
 
 
-def _write_cells(cells: dict[str, dict[str, Any]], metrics_root: str, target: str, note: str = "") -> dict:
-    """work/metrics/<world>/<target>/<arm>.json per cell; stale files of arms no longer run removed."""
-    folder = Path(metrics_root) / target
-    keep = {folder / f"{arm}.json" for arm in cells}
-    for old in folder.rglob("*.json") if folder.exists() else []:
+def _write_cells(cells: dict[str, dict[str, dict[str, Any]]], metrics_root: str, note: str = "") -> dict:
+    """work/metrics/<world>/<target>/<arm>.json per cell; files of cells no longer run are removed."""
+    root = Path(metrics_root)
+    keep = {root / t / f"{arm}.json" for t, arms in cells.items() for arm in arms}
+    for old in root.rglob("*.json") if root.exists() else []:
         if old not in keep:
             old.unlink()
-    for arm, summary in cells.items():
-        atomic_write_json(folder / f"{arm}.json", summary)
+    for target, arms in cells.items():
+        for arm, summary in arms.items():
+            atomic_write_json(root / target / f"{arm}.json", summary)
     if not cells:
-        atomic_write_json(folder / "none.json", {"n": 0, "note": note})
+        atomic_write_json(root / "none.json", {"n": 0, "note": note})
     return cells
 
 
-def run_best(*, target: str, params: str = "params.yaml", records: str = "work/records.parquet",
+def run_best(*, params: str = "params.yaml", records: str = "work/records.parquet",
              designs_dir: str = "work/designs", search_dir: str = "work/search",
-             runs_root: str = "work/runs/search_best", metrics_root: str = "work/metrics/best") -> dict[str, Any]:
-    """The search's best mixture (chosen on the dev split), retrained and tested like any arm.
+             runs_root: str = "work/best_runs", metrics_root: str = "work/metrics/best") -> dict:
+    """Each target's search best mixture (chosen on the dev split), retrained and tested like any arm.
 
-    Its runs live beside the study's (work/runs/search_best/<target>/...), not inside a study's output
-    folder: DVC outputs may not overlap."""
-    import pandas as pd  # noqa: F401  (records_table reads it)
-
+    Its runs live beside the study's (work/best_runs/<target>/search_best/...), not inside the study's
+    output folder: DVC outputs may not overlap."""
+    study = load_study_params(params)
     from medmat.data.records import world_of
     from medmat.mixture import resolve_mixture, save_manifest
     from medmat.ray_executor import dispatch
     from medmat.unit import records_table
 
-    study = load_study_params(params)
-    target = norm_target(target)
-    index = _load_index(designs_dir, target)
-    best_file = Path(search_dir) / target / "best_mixture.json"
-    best = json.loads(best_file.read_text(encoding="utf-8"))
-    cell_dir = Path(runs_root) / target / "search_best"
     table, _ = records_table(records)
-    _, manifest = resolve_mixture(table, {"components": best["components"]}, seed=int(best.get("seed", 0)))
-    manifest_path = cell_dir / "manifest.json"
-    save_manifest(manifest_path, {**best, **manifest, "arm": "search_best", "target": target})
-    tdir = Path(designs_dir) / target
-    specs = [RunSpec(target=target, triplet=index["triplet"], subset_no=int(index["subset_no"]), arm="search_best",
-                     seed=int(s), records=records, run_dir=str(cell_dir / f"seed{int(s)}"), params=study,
-                     manifest=str(manifest_path), dev_manifest=str(tdir / index["dev"]) if index.get("dev") else None,
-                     world=world_of(records), data_version=data_version_of(records), candidate=True)
-             for s in study.experiment.seeds]
+    specs: list[RunSpec] = []
+    for target in (norm_target(t) for t in study.experiment.targets):
+        index = _load_index(designs_dir, target)
+        best = json.loads((Path(search_dir) / target / "best_mixture.json").read_text(encoding="utf-8"))
+        cell_dir = Path(runs_root) / target / "search_best"
+        spec_in = {"components": best["components"]}
+        if best.get("exact_total"):
+            spec_in["exact_total"] = best["exact_total"]
+        _, manifest = resolve_mixture(table, spec_in, seed=int(best.get("seed", 0)))
+        manifest_path = cell_dir / "manifest.json"
+        save_manifest(manifest_path, {**best, **manifest, "arm": "search_best", "target": target})
+        dev = Path(designs_dir) / target / index["dev"] if index.get("dev") else None
+        specs += [RunSpec(target=target, triplet=index["triplet"], subset_no=int(index["subset_no"]),
+                          arm="search_best", seed=int(s), records=records, run_dir=str(cell_dir / f"seed{int(s)}"),
+                          params=study, manifest=str(manifest_path), dev_manifest=str(dev) if dev else None,
+                          world=world_of(records), data_version=data_version_of(records), candidate=True)
+                  for s in study.experiment.seeds]
     _parent_runs(specs)
     results = dispatch(specs, study.experiment)
-    return _write_cells({"search_best": cell_summary(specs, results)}, metrics_root, target)["search_best"]
+    return _write_cells(summarise_cells(specs, results), metrics_root)
 
 
 def use_config(overlay: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> list[str]:
@@ -288,13 +302,12 @@ def use_config(overlay: str | os.PathLike, params: str | os.PathLike = "params.y
 # ---- CLI -----------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
-    st = sub.add_parser("study", help="train + evaluate every arm x seed of one target")
-    st.add_argument("--target", required=True, help="target subset number (as in experiment.targets)")
+    st = sub.add_parser("study", help="train + evaluate every arm x seed of the study's targets")
+    st.add_argument("--target", action="append", help="only this target (repeatable; default: experiment.targets)")
     st.add_argument("--world", choices=sorted(WORLDS), default="main",
                     help="main (work/records.parquet) or control (the entangled world under work/control)")
     st.add_argument("--params", default="params.yaml")
-    b = sub.add_parser("best", help="retrain and test the search's best mixture of one target")
-    b.add_argument("--target", required=True)
+    b = sub.add_parser("best", help="retrain and test each target's search best mixture")
     b.add_argument("--params", default="params.yaml")
     d = sub.add_parser("control-data", help="generate + ingest + design the --entangled world")
     d.add_argument("--out", default="work/control", help="folder: data/, records.parquet, designs/")
@@ -319,18 +332,16 @@ def run(args: argparse.Namespace) -> int:
 
             return control_data(args.out, args.params)
         if args.action == "best":
-            cell = run_best(target=args.target, params=args.params)
-            print(f"{norm_target(args.target)} search_best: {cell['acc']:.1f}% [{cell['lo']}, {cell['hi']}] "
-                  f"over {cell['n']} seeds")
-            return 0
-        cells = run_study(target=args.target, world=args.world, params=args.params)
+            cells = run_best(params=args.params)
+        else:
+            cells = run_study(targets=args.target, world=args.world, params=args.params)
     except (ConfigError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
-    for arm, c in sorted(cells.items()):
-        flag = "  DEGENERATE" if c["degenerate"] else ""
-        print(f"{norm_target(args.target)} {arm} ({args.world}): {c['acc']:.1f}% [{c['lo']}, {c['hi']}] "
-              f"n={c['n']}{flag}")
+    for target, arms in sorted(cells.items()):
+        for arm, c in sorted(arms.items()):
+            flag = "  DEGENERATE" if c["degenerate"] else ""
+            print(f"{target} {arm}: {c['acc']:.1f}% [{c['lo']}, {c['hi']}] n={c['n']}{flag}")
     return 0
 
 

@@ -496,14 +496,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_records(path: Path):
-    import pandas as pd
-    import pyarrow.parquet as pq
+    """(records table with image paths, its data root)."""
+    from medmat.data.records import data_root_of, read_records
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: records table not found (run `medmat ingest` first)")
-    meta = pq.read_schema(path).metadata or {}
-    root = meta.get(b"medmat.data_root")
-    return pd.read_parquet(path), (root.decode() if root else None)
+    return read_records(path), str(data_root_of(path))
 
 
 def run(args: argparse.Namespace) -> int:

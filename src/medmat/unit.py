@@ -144,10 +144,15 @@ def run_units(specs: list[RunSpec], workers: int) -> list[dict[str, Any]]:
     if "torch" in sys.modules:
         ctx = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
     else:
+        # Everything a unit imports, once, before forking: each of these costs seconds per process on
+        # 2 cores (torch._dynamo is pulled in by the optimiser, MLflow's SQL store by the first client).
         import mlflow  # noqa: F401
         import torch  # noqa: F401
+        import torch._dynamo  # noqa: F401
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: F401
 
-        import medmat.evaluate  # noqa: F401
+        import medmat.scoring  # noqa: F401
+        import medmat.served_model  # noqa: F401
         import medmat.train  # noqa: F401
 
         ctx = multiprocessing.get_context("fork")

@@ -9,8 +9,9 @@ Hugging Face image-text-to-text checkpoint, full or LoRA fine-tuning).
     backend.generate(rows) -> list[str]
     backend.save(dir) ; load(dir) -> backend    # dir holds BACKEND_FILE naming the backend
 
-Optional hook: `backend.prepare_training(train_df)` is called by the trainer before the optimiser is
-built (the tiny backend builds its word vocabulary there).
+Optional hook: `backend.prepare_training(train_df, decode_images=True)` is called by the trainer before
+the optimiser is built (the tiny backend builds its word vocabulary there and decodes the training
+images once; `build_untrained` asks for the vocabulary only).
 
 The trainer may swap `backend.model` for a distributed wrapper (DDP under `accelerate launch`) while
 training, which is why `loss` must call `self.model(...)` rather than a bound module captured earlier.
@@ -127,5 +128,5 @@ def build_untrained(model_cfg: ModelConfig | dict, records, seed: int,
     backend = build(model_cfg, data_root)
     if hasattr(backend, "prepare_training"):
         train = records[records["split"] == "train"]
-        backend.prepare_training(train if len(train) else records)
+        backend.prepare_training(train if len(train) else records, decode_images=False)
     return backend
