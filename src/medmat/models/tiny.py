@@ -66,9 +66,6 @@ class TinyConfig:
     ngram_max: int = 5
     text_init_std: float = 1.0  # N(0, std) text embeddings (PyTorch's default scale)
     norm: str = "instance"  # CNN feature-map normalisation: instance | group
-    score: str = "dot"  # option score: dot (h.o / sqrt(d)) | cosine (scale x cos(h, o): bounded logits)
-    cosine_scale: float = 10.0
-    label_smoothing: float = 0.0  # cross-entropy label smoothing (keeps logits from growing without bound)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -80,8 +77,6 @@ class TinyConfig:
             raise ValueError(f"norm must be group or instance, got {self.norm!r}")
         if self.text_init_std <= 0:
             raise ValueError("text_init_std must be > 0")
-        if self.score not in ("dot", "cosine") or not 0 <= self.label_smoothing < 1:
-            raise ValueError("score must be dot or cosine, label_smoothing in [0, 1)")
 
 
 # Saved configs without these keys come from the word-only model: they load as they were trained.
@@ -180,11 +175,7 @@ class TinyVLM(nn.Module):
         h = self.joint(torch.cat([img, q, img * q], dim=1))  # (B, D)
         b, k = o_mask.shape
         o = self.words(o_ids, o_offsets).view(b, k, -1)  # (B, K, D)
-        if self.cfg.score == "cosine":
-            match = self.cfg.cosine_scale * torch.einsum("bd,bkd->bk", F.normalize(h, dim=-1), F.normalize(o, dim=-1))
-        else:
-            match = torch.einsum("bd,bkd->bk", h, o) / math.sqrt(h.shape[1])
-        scores = match + self.opt_bias(o).squeeze(-1)
+        scores = torch.einsum("bd,bkd->bk", h, o) / math.sqrt(h.shape[1]) + self.opt_bias(o).squeeze(-1)
         return scores.masked_fill(~o_mask, float("-inf"))
 
 
@@ -316,8 +307,7 @@ class TinyBackend:
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy over the options: the loss falls on the answer only."""
-        return F.cross_entropy(self._scores(batch), batch["labels"], ignore_index=-100,
-                               label_smoothing=self.cfg.label_smoothing)
+        return F.cross_entropy(self._scores(batch), batch["labels"], ignore_index=-100)
 
     @torch.no_grad()
     def score_options(self, rows: Iterable[dict]) -> list[list[float]]:
