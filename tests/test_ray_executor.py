@@ -135,6 +135,52 @@ def test_a_finished_unit_is_not_run_again(world, two_node_cluster, monkeypatch):
     assert "ray_node_id" in out and out["seed"] == 7
 
 
+def test_a_unit_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(world, two_node_cluster,
+                                                                                monkeypatch):
+    """kill -9 of the Ray worker running a unit, once it has a checkpoint: Ray retries the task, the
+    unit resumes from the checkpoint and ends as an uninterrupted run of the same unit does."""
+    import dataclasses
+    import threading
+    import time
+
+    import psutil
+
+    from medmat.ray_executor import run_units_ray
+    from medmat.unit import run_units
+
+    root, specs = world
+    monkeypatch.chdir(root)
+    base = specs("unused")[len(SEEDS)].params  # the Related arm, seed 0
+    longer = dataclasses.replace(base, train=dataclasses.replace(base.train, max_steps=300, checkpoint_every=20))
+    killed_spec = dataclasses.replace(specs("runs_killed")[len(SEEDS)], params=longer)
+    whole_spec = dataclasses.replace(specs("runs_whole")[len(SEEDS)], params=longer)
+    killed: list[int] = []
+
+    def kill_when_checkpointed():
+        ckpts = root / killed_spec.run_dir / "checkpoints"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if any("ray::medmat-unit" in part for part in proc.info["cmdline"] or []):
+                        proc.kill()  # SIGKILL: no cleanup, as when a node is lost
+                        killed.append(proc.pid)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_when_checkpointed)
+    watcher.start()
+    try:
+        (out,) = run_units_ray([killed_spec], resources={"gpu_slot": 1})
+    finally:
+        watcher.join()
+    assert killed, "the unit finished before it could be killed"
+    train = json.loads((root / killed_spec.run_dir / "train_metrics.json").read_text())
+    assert train["steps"] == 300 and train["resumed_from"] and train["resumed_from"] % 20 == 0
+    (whole,) = run_units([whole_spec], workers=1)
+    assert out["accuracy"] == whole["accuracy"]
+    assert _predictions(root, killed_spec.run_dir) == _predictions(root, whole_spec.run_dir)
+
 @pytest.mark.slow
 def test_bench_ray_smoke(tmp_path):
     """bench/bench_ray.py runs end to end (2 short units) and finds the same predictions on both executors."""
