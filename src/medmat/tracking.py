@@ -389,12 +389,3 @@ def write_run_id(run_dir: str | os.PathLike, run_id: str) -> None:
     """Atomically record the run id in RUN_DIR/mlflow_run_id (a restart resumes this run)."""
     atomic_write_text(Path(run_dir) / "mlflow_run_id", run_id + "\n")
 
-
-def __getattr__(name: str) -> Any:
-    # Moved to medmat.served_model: callers of tracking.log_model and models pickled as
-    # medmat.tracking.MedmatPyfunc keep working meanwhile, resolved on use (importing tracking stays light).
-    if name in ("MedmatPyfunc", "log_model"):
-        from medmat import served_model
-
-        return getattr(served_model, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
