@@ -4,31 +4,36 @@ In the entangled world every subset's labels have a look of their own, so nothin
 the Related subsets can transfer to the target: the Related arm must fall to chance, and the study's
 Trained - Baseline+ gap must be equivalent to zero (medmat.stats.equivalence). The control's units are
 then run by `python -m medmat.pipeline study --world control`.
+
+    python -m medmat.control [--out work/control]
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
 from pathlib import Path
 
+from medmat.config import load_section
+from medmat.experiment import ExperimentConfig
 from medmat.io import atomic_write_json
-from medmat.runspec import load_study_params
 
 
 def control_data(out: str = "work/control", params: str = "params.yaml") -> int:
     """The negative control's world: Med-MAT-mini --entangled, ingested and designed like the main world."""
     import shutil
 
-    study = load_study_params(params)
+    experiment = load_section(ExperimentConfig, "experiment", params)
     root = Path(out)
     if root.exists():
         shutil.rmtree(root)  # synth refuses a non-empty folder; this stage owns `out` entirely
     root.mkdir(parents=True)
-    if not study.experiment.control:
+    if not experiment.control:
         atomic_write_json(root / "DISABLED.json", {"reason": "experiment.control is false"})
         return 0
     import dataclasses
 
-    from medmat.config import load_section
     from medmat.data.ingest import IngestParams, ingest_to_parquet
     from medmat.data.synth import SynthParams, generate
     from medmat.designs import design_targets
@@ -38,3 +43,24 @@ def control_data(out: str = "work/control", params: str = "params.yaml") -> int:
     ingest_to_parquet(root / "data", root / "records.parquet", load_section(IngestParams, "ingest", params))
     design_targets(root / "records.parquet", root / "designs", params)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m medmat.control [--out work/control] [--params params.yaml]` (the control-data stage)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(prog="python -m medmat.control", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="work/control", help="folder: data/, records.parquet, designs/")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    from medmat.config import ConfigError
+
+    try:
+        return control_data(args.out, args.params)
+    except (ConfigError, FileExistsError, ValueError) as exc:
+        logging.getLogger("medmat.control").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,6 @@
     python -m medmat.pipeline study [--target 03]                # main world (work/runs/<target>/...)
     python -m medmat.pipeline study --world control              # the entangled negative control
     python -m medmat.pipeline best                               # each search's best mixture, retrained
-    python -m medmat.pipeline control-data                       # the control world (medmat.control)
 
 `plan_units` turns the target's designs (work/designs/<target>/index.json) and params.yaml into one
 `RunSpec` per unit: the untrained Baseline, each Table-3 combination's Related and Baseline+ arms, and
@@ -309,9 +308,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--params", default="params.yaml")
     b = sub.add_parser("best", help="retrain and test each target's search best mixture")
     b.add_argument("--params", default="params.yaml")
-    d = sub.add_parser("control-data", help="generate + ingest + design the --entangled world")
-    d.add_argument("--out", default="work/control", help="folder: data/, records.parquet, designs/")
-    d.add_argument("--params", default="params.yaml")
     u = sub.add_parser("use-config", help="switch params.yaml to another configuration (e.g. configs/gpu.yaml)")
     u.add_argument("overlay", help="YAML file of whole params.yaml sections to put in place")
     u.add_argument("--params", default="params.yaml")
@@ -327,10 +323,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.params}: sections {', '.join(names)} now from {args.overlay} (old file: {args.params}.bak)")
         return 0
     try:
-        if args.action == "control-data":
-            from medmat.control import control_data
-
-            return control_data(args.out, args.params)
         if args.action == "best":
             cells = run_best(params=args.params)
         else:
