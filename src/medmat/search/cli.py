@@ -16,7 +16,6 @@ Every trial is an MLflow run nested under the study's parent run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import subprocess
@@ -76,7 +75,8 @@ def default_study_name(prefix: str, problem: TargetProblem) -> str:
 
 def stored_fingerprint(storage: str, name: str) -> tuple[bool, str | None]:
     """(the study exists, its objective fingerprint if it has one)."""
-    st = open_storage(storage)
+    with study_lock(lock_path(storage, name)):  # a fresh SQLite file: its schema is created once
+        st = open_storage(storage)
     try:
         study_id = st.get_study_id_from_name(name)
     except KeyError:
