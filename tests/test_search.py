@@ -8,6 +8,7 @@ objective (train + dev accuracy) is exercised in test_search_end_to_end (slow).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -259,6 +260,69 @@ def test_readable_study_names_and_fingerprint_suffix(tmp_path):
     # other settings: a suffixed study beside it, never mixed into the first
     assert search.choose_study_name(storage, "medmat-mini-03-CT-Lung-COVID", "bb" * 32) == \
         "medmat-mini-03-CT-Lung-COVID-bbbbbb"
+
+
+def _problem_world(tmp_path: Path) -> Path:
+    """A records table (real parquet with the ingest's metadata) and designs files in the contract's
+    layout for target 03: its dev/test records, two Related subsets (04, 28), and five 04 training
+    records that show a target image (three byte-identical to test images, two re-encoded dev images)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+
+    def add(subset, split, i, sha=None, phash=None):
+        rid = f"s{subset:02d}-{split}-{i}"
+        rows.append({"record_id": rid, "subset_no": subset, "split": split, "answer_text": ["COVID-19", "Normal"][i % 2],
+                     "image": f"{rid}.jpg", "image_sha256": sha or f"sha-{rid}",
+                     "image_phash": phash or hashlib.sha256(rid.encode()).hexdigest()[:16]})
+        return rid
+
+    dev = [add(3, "train", i, phash=f"{(i + 1) * 0x1111111111110000:016x}"[-16:]) for i in range(10)]
+    for i in range(10, 40):
+        add(3, "train", i)
+    test = [add(3, "test", i) for i in range(10)]
+    for i in range(60):
+        sha = f"sha-{test[i]}" if i < 3 else None                                    # exact copies of test images
+        near = f"{((i - 2) * 0x1111111111110000) ^ 0x3:016x}"[-16:] if 3 <= i < 5 else None  # 2 bits from dev images
+        add(4, "train", i, sha=sha, phash=near)
+        add(28, "train", i)
+    root = tmp_path / "world"
+    (root / "work/designs/03/fixed_area-04-28").mkdir(parents=True)
+    table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"medmat.data_root": b"../data",
+                                           b"medmat.world": b"mini"})
+    pq.write_table(table, root / "work/records.parquet")
+    d = root / "work/designs/03"
+    (d / "dev.json").write_text(json.dumps({"arm": "dev", "record_ids": dev, "components": {"03": {"selected": 10}}}))
+    (d / "fixed_area-04-28/related.json").write_text(json.dumps(
+        {"components": {"04": {"requested": 40, "selected": 40}, "28": {"requested": 40, "selected": 40}}}))
+    (d / "index.json").write_text(json.dumps({
+        "target": "03", "triplet": "CT-Lung-COVID", "subset_no": 3, "dev": "dev.json", "arms": {},
+        "leakage": {"phash_distance": 4},
+        "combinations": [{"id": "fixed_area-04-28", "direction": "fixed_area", "related": ["04", "28"],
+                          "arms": {"related": "fixed_area-04-28/related.json",
+                                   "baseline_plus": "fixed_area-04-28/baseline_plus.json"},
+                          "selected_total": 80}]}))
+    return root
+
+
+def test_problem_never_trains_on_target_images_and_budget_is_the_related_total(tmp_path):
+    root = _problem_world(tmp_path)
+    problem = search.build_problem(root / "work/records.parquet", root / "work/designs", "3", search.SearchConfig())
+    assert problem.world == "mini" and problem.target == "03" and problem.triplet == "CT-Lung-COVID"
+    assert problem.space.budget == 80                      # the Related combination's selected total
+    assert problem.space.limits == {"04": 55, "28": 60}    # 5 leaking 04 records left out
+    assert problem.leakage_dropped == 5
+    leaked = {f"s04-train-{i}" for i in range(5)}
+    assert not leaked & set(problem.pool["record_id"]) and set(problem.pool["subset_no"]) == {4, 28}
+    assert list(problem.warm) == ["fixed_area-04-28/related"] and len(problem.dev_df) == 10
+    # a mixture that asks for all of 04 still trains on exactly the budget, none of it leaking
+    train_df, manifest = search.resolve(problem, problem.space.apply_budget({"04": 55, "28": 5}), seed=0)
+    assert len(train_df) == 80 and manifest["matched"] and not leaked & set(train_df["record_id"])
+    # the readable default study name
+    assert search.default_study_name("medmat", problem) == "medmat-mini-03-CT-Lung-COVID"
 
 
 @pytest.mark.slow
