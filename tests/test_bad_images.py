@@ -86,6 +86,7 @@ def _bomb_png(path, side: int) -> None:
                      + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")   # Pillow warns, we refuse
 def test_decompression_bomb(world, capsys):
     from medmat.data.images import MAX_PIXELS
 

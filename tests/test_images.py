@@ -186,6 +186,7 @@ def _bomb_png(path, side: int) -> None:
                      + chunk(b"IEND", b""))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")   # Pillow warns, we refuse
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     import subprocess
     import sys
