@@ -79,7 +79,7 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
     plots.write_csv(out / "plots" / "table3.csv", plots.table3_data(rows, "main") + plots.table3_data(crows, "entangled"),
                     plots.TABLE3_FIELDS)
     if rows:
-        plots.plot_table3(rows, crows, out / "table3.png", cfg.dpi, cfg.figure_width)
+        plots.plot_table3(rows, crows, out / "table3.png", cfg.dpi, cfg.figure_width, cfg.control_band)
         figures.append("table3.png")
 
     # Figure 4: every scale-up arm a target ran, with its paper number

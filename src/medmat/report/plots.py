@@ -71,8 +71,9 @@ def table3_data(rows: list[dict], world: str) -> list[dict[str, Any]]:
     return out
 
 
-def plot_table3(rows: list[dict], crows: list[dict], path: Path, dpi: int, width: float) -> None:
-    """Gap Trained - Baseline+ per row with its paired interval, the paper's gap beside it."""
+def plot_table3(rows: list[dict], crows: list[dict], path: Path, dpi: int, width: float, margin: float) -> None:
+    """Gap Trained - Baseline+ per row with its paired interval: the main world with the paper's gap
+    beside it (x), the control world with its equivalence band (shaded)."""
     plt = _plt()
     panels = [("main world", rows)] + ([("entangled world (negative control)", crows)] if crows else [])
     height = max(2.5, 0.35 * max(len(rs) for _, rs in panels) + 1.2)
@@ -84,12 +85,15 @@ def plot_table3(rows: list[dict], crows: list[dict], path: Path, dpi: int, width
             if g:
                 ax.errorbar(g["gap"], y, xerr=[[g["gap"] - g["lo"]], [g["hi"] - g["gap"]]], fmt="o",
                             color="#d4702a" if r["significant"] else "#999999", capsize=3)
-            if r["paper"]:
+            if r["paper"] and rs is rows:
                 ax.plot(r["paper"]["trained"] - r["paper"]["baseline_plus"], y, marker="x", color="black")
+        if rs is crows:
+            ax.axvspan(-margin, margin, color="#cccccc", alpha=0.5, label=f"equivalence band ±{margin:g}")
+            ax.legend(fontsize=7)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(ys, [f"{r['target']} {DIRECTION_NAMES.get(r['direction'], r['direction'])} "
                            f"({'+'.join(r['related'])})" for r in rs], fontsize=7)
-        ax.set_xlabel("Trained - Baseline+ (points); x = paper")
+        ax.set_xlabel("Trained - Baseline+ (points)" + ("; x = paper" if rs is rows else ""))
         ax.set_title(title, fontsize=9)
     _save(fig, path, dpi)
     plt.close(fig)
