@@ -7,13 +7,16 @@
 The same units (a tiny Med-MAT-mini world built in a temporary folder, the tiny CPU model, one torch
 thread per unit) run twice, each into its own run folders:
   1. `local`: medmat.unit.run_units(specs, workers=1), one after another in this process;
-  2. `ray`:   medmat.ray_executor.run_units_ray on a local Ray with 2 CPUs, one CPU per unit.
+  2. `ray`:   medmat.ray_executor.run_units_ray on a local Ray with 2 CPUs, one CPU per unit;
+  3. `pool`:  the local executor with 2 worker processes (forked after the imports), as a reference
+     for what two processes get on this machine at that moment (skip with --no-pool).
 Ray's wall time is the whole call: starting Ray, its worker processes importing torch and medmat,
 the units, and shutting Ray down. Parallel efficiency = T_local / (2 x T_ray); 1.0 is perfect.
 Predictions are compared unit by unit: the two executors must give the same answers.
 
-The machine matters: on a shared 2-core box other processes take CPU time from both runs; the
-load average before and after is printed with the figures.
+The machine matters: on a shared 2-core box other processes take CPU time from both runs. The
+load average and a ceiling measured without medmat (the same pure-Python loop run by one process,
+then by two at once) are printed before and after, with the figures.
 """
 
 from __future__ import annotations
@@ -80,6 +83,27 @@ def machine() -> dict:
             "loadavg_1m_before": round(os.getloadavg()[0], 2)}
 
 
+def machine_ceiling(seconds_of_work: float = 2.0) -> float:
+    """What two processes get on this machine right now: the same pure-Python loop run by 1 process,
+    then by 2 at once; the ratio of wall times (1.0 = two free cores). No medmat, no Ray, no torch."""
+    import subprocess
+
+    code = "import time; t = time.perf_counter(); s = 0\nfor i in range(N): s += i * i\n"
+    n = 10_000_000
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code.replace("N", str(n))], check=True)
+    one = time.perf_counter() - t0
+    n = int(n * seconds_of_work / max(one, 1e-3))  # about `seconds_of_work` of CPU each
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code.replace("N", str(n))], check=True)
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", code.replace("N", str(n))]) for _ in range(2)]
+    for p in procs:
+        p.wait()
+    return one / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--units", type=int, default=8, help="trained units (seeds x 2 mixtures)")
@@ -88,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="2 units of 5 steps: checks the script runs")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary world (printed)")
+    ap.add_argument("--no-pool", action="store_true",
+                    help="skip the third run (the local process pool with 2 workers, a reference for the machine)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.units, args.steps, args.image_size = 2, 5, 16
@@ -99,6 +125,7 @@ def main(argv=None) -> int:
     from medmat.unit import run_units
 
     info = machine()
+    info["two_process_efficiency_before"] = round(machine_ceiling(0.5 if args.smoke else 2.0), 3)
     root = Path(tempfile.mkdtemp(prefix="medmat-bench-ray-"))
     cwd = os.getcwd()
     try:
@@ -111,6 +138,11 @@ def main(argv=None) -> int:
         on_ray = run_units_ray(specs("runs_ray"), num_cpus_per_unit=1,
                                init_kwargs={"num_cpus": 2, "object_store_memory": 80 << 20})
         t_ray = time.perf_counter() - t0
+        t_pool = None
+        if not args.no_pool:  # what two processes get on this machine right now, without Ray
+            t0 = time.perf_counter()
+            run_units(specs("runs_pool"), workers=2)
+            t_pool = time.perf_counter() - t0
         same = all((root / a.run_dir / "predictions.jsonl").read_bytes() == (root / b.run_dir / "predictions.jsonl").read_bytes()
                    for a, b in zip(specs("runs_local"), specs("runs_ray")))
         nodes = sorted({r["ray_node_id"][:8] for r in on_ray})
@@ -122,21 +154,32 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
     info["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    info["two_process_efficiency_after"] = round(machine_ceiling(0.5 if args.smoke else 2.0), 3)
     efficiency = t_local / (2 * t_ray)
+    ceiling = (info["two_process_efficiency_before"] + info["two_process_efficiency_after"]) / 2
     unit_s = [r["wall_s"] for r in local]
     report = {
         "benchmark": "bench_ray", "units": args.units, "steps": args.steps, "machine": info,
         "local_1_worker_s": round(t_local, 2), "ray_2_workers_s": round(t_ray, 2),
         "speedup": round(t_local / t_ray, 3), "parallel_efficiency": round(efficiency, 3),
+        "parallel_efficiency_over_machine_ceiling": round(efficiency / ceiling, 3),
+        "local_pool_2_workers_s": round(t_pool, 2) if t_pool else None,
+        "pool_parallel_efficiency": round(t_local / (2 * t_pool), 3) if t_pool else None,
         "mean_unit_s_local": round(sum(unit_s) / len(unit_s), 2), "ray_worker_processes": len(pids),
         "ray_nodes": nodes, "same_predictions": same,
         "accuracy": [round(r["accuracy"], 4) for r in local],
     }
     print(json.dumps(report, indent=1))
     print(f"\n{args.units} units x {args.steps} steps on {info['cpu_count']} CPUs "
-          f"(load {info['loadavg_1m_before']} -> {info['loadavg_1m_after']})")
+          f"(load {info['loadavg_1m_before']} -> {info['loadavg_1m_after']}; a pure-Python loop in 2 "
+          f"processes ran at efficiency {info['two_process_efficiency_before']:.2f} before, "
+          f"{info['two_process_efficiency_after']:.2f} after: the machine's ceiling at that time)")
     print(f"  local, 1 worker : {t_local:7.1f} s")
-    print(f"  ray,  2 workers : {t_ray:7.1f} s   speedup x{t_local / t_ray:.2f}, parallel efficiency {efficiency:.2f}")
+    print(f"  ray,  2 workers : {t_ray:7.1f} s   speedup x{t_local / t_ray:.2f}, parallel efficiency {efficiency:.2f} "
+          f"({efficiency / ceiling:.2f} of the machine's ceiling {ceiling:.2f})")
+    if t_pool:
+        print(f"  pool, 2 workers : {t_pool:7.1f} s   speedup x{t_local / t_pool:.2f}, parallel efficiency "
+              f"{t_local / (2 * t_pool):.2f}  (the local process pool: what 2 processes get here now)")
     print(f"  same predictions: {same}")
     if args.json:
         tmp = args.json + ".tmp"

@@ -97,13 +97,14 @@ def test_mlflow_run_input_model_and_alias_in_postgres_and_s3(stack, tmp_path, mo
     assert answers == [p["predicted_letter"] for p in evaluate_backend(backend, test).predictions]
 
 
+GRACE = 2  # seconds without a heartbeat after which a RUNNING trial counts as dead
 WORKER = textwrap.dedent("""
     import os, sys, time
     import optuna
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, name, n, hang = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    storage = RDBStorage(url, heartbeat_interval=1, grace_period=3,
+    url, name, n, hang, grace = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    storage = RDBStorage(url, heartbeat_interval=1, grace_period=grace,
                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
     study = optuna.load_study(study_name=name, storage=storage)
 
@@ -131,7 +132,7 @@ def test_optuna_on_postgres_retries_the_trial_of_a_killed_worker_once(stack, tmp
     script.write_text(WORKER)
     marker = tmp_path / "hung-in-trial"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    doomed = subprocess.Popen([sys.executable, str(script), stack.optuna_url, name, str(n), str(marker)], env=env,
+    doomed = subprocess.Popen([sys.executable, str(script), stack.optuna_url, name, str(n), str(marker), str(GRACE)], env=env,
                               start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -141,7 +142,8 @@ def test_optuna_on_postgres_retries_the_trial_of_a_killed_worker_once(stack, tmp
         killed_number = int(marker.read_text())
         os.killpg(doomed.pid, signal.SIGKILL)  # a dead host: no chance to mark its trial FAIL
         doomed.wait()
-        survivor = subprocess.run([sys.executable, str(script), stack.optuna_url, name, str(n), "-"], env=env,
+        time.sleep(GRACE + 1)  # its last heartbeat is now stale: the next trial start fails it
+        survivor = subprocess.run([sys.executable, str(script), stack.optuna_url, name, str(n), "-", str(GRACE)], env=env,
                                   capture_output=True, text=True, timeout=120)
         assert survivor.returncode == 0, survivor.stderr[-2000:]
     finally:

@@ -128,10 +128,21 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
     if user:
         uid = __import__("pwd").getpwnam(user).pw_uid
         os.chown(data_dir, uid, _primary_group(user))
-        for parent in data_dir.parents:
-            if not os.stat(parent).st_mode & 0o001:
-                raise ServiceError(f"postgres: {data_dir}: running as root, the server runs as '{user}', "
-                                   f"who cannot enter {parent}; use a folder under /tmp or a world-readable path")
+        blocked = _blocked_parent(data_dir)
+        if blocked is not None:
+            raise ServiceError(f"postgres: {data_dir}: running as root, the server runs as '{user}', "
+                               f"who cannot enter {blocked}; use a folder under /tmp or a world-readable path")
+        if _blocked_parent(bin_dir) is not None:
+            # e.g. a virtualenv under /root: give the server a copy of the binaries it can reach, in
+            # the wheel's own layout (the binaries find their libraries at $ORIGIN/../../../pgserver.libs).
+            import shutil
+
+            site = bin_dir.parents[2]
+            copy = data_dir / "site"
+            for rel in ("pgserver/pginstall", "pgserver.libs"):
+                if (site / rel).exists() and not (copy / rel).exists():
+                    shutil.copytree(site / rel, copy / rel, symlinks=True)
+            bin_dir = copy / "pgserver" / "pginstall" / "bin"
     pgdata = data_dir / "data"
     log = data_dir / "postgres.log"  # opened by this process: the server inherits the descriptor
     if not (pgdata / "PG_VERSION").exists():
@@ -155,6 +166,14 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60)
     _wait(server, ready, timeout)
     create_databases(base, DATABASES)
     return server, base
+
+
+def _blocked_parent(path: Path) -> Path | None:
+    """The first folder above `path` that other users may not enter (no o+x), or None."""
+    for parent in path.parents:
+        if not os.stat(parent).st_mode & 0o001:
+            return parent
+    return None
 
 
 def _postgres_bin() -> Path:
@@ -302,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         with team_stack(root, args.bucket, pg_port=args.pg_port, s3_port=args.s3_port,
                         mlflow_port=args.mlflow_port) as stack:
             print(stack.describe(), flush=True)
-            print(f"Logs and database files: {stack.root}. Ctrl-C stops all three servers.", flush=True)
+            print(f"Logs and database files: {stack.root} ({'kept' if args.root else 'removed'} on exit). "
+                  "Ctrl-C stops all three servers.", flush=True)
             for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
                 signal.signal(sig, lambda *_: sys.exit(0))
             while all(s.proc.poll() is None for s in stack.servers):
@@ -315,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"services: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if args.root is None:  # our own temporary folder: the S3 objects are gone anyway
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
