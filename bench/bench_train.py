@@ -45,7 +45,9 @@ def _data(records: str):
 
     from medmat.mixture import resolve_mixture
 
-    df = pd.read_parquet(records)
+    from medmat.data.records import read_records
+
+    df = read_records(records)
     train, _ = resolve_mixture(df, SUBSETS, seed=0)
     return train
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from medmat.config import ConfigError
+from medmat.data.records import read_records
 from medmat.scoring import evaluate_backend
 from medmat.models import build, load
 from medmat.models.hf import DEFAULT_TARGET_MODULES, HFBackend, ModelPathError, build_hf, load_hf
@@ -273,7 +274,7 @@ def test_two_process_accelerate_launch_lora(tmp_path):
 
     generate(tmp_path / "data", SynthParams(train_per_subset=12, test_per_subset=6), progress=False)
     ingest_to_parquet(tmp_path / "data", tmp_path / "records.parquet")
-    records = pd.read_parquet(tmp_path / "records.parquet")
+    records = read_records(tmp_path / "records.parquet")
     _, man = resolve_mixture(records, {"components": {"03": 12, "28": 12}, "seed": 0})
     save_manifest(tmp_path / "manifest.json", man)
     ckpt = BUILDERS["qwen2vl"](tmp_path / "ckpt")

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from medmat.data.records import read_records
 from medmat.mixture import load_manifest, resolve_mixture, save_manifest, select_manifest
 from medmat.models import ModelConfig
 from medmat.train import TrainConfig, checkpoints, train_model
@@ -41,7 +42,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainworld")
     generate(root / "data", SynthParams(train_per_subset=40, test_per_subset=20, image_size=32), progress=False)
     ingest_to_parquet(root / "data", root / "records.parquet")
-    records = pd.read_parquet(root / "records.parquet")
+    records = read_records(root / "records.parquet")
     _, man = resolve_mixture(records, {"components": {"03": 40, "28": 40}, "seed": 0})
     save_manifest(root / "manifest.json", man)
     _, dev = resolve_mixture(records, {"03": 18}, split="test")
@@ -97,7 +98,7 @@ def test_kill_and_resume_matches_uninterrupted_run(world, tmp_path):
 
     # The same training uninterrupted (in-process, same params): identical weights and metrics.
     cfg = yaml.safe_load(params.read_text())
-    records = pd.read_parquet(world / "records.parquet")
+    records = read_records(world / "records.parquet")
     ref = train_model(
         TrainConfig(**cfg["train"]), ModelConfig(**cfg["model"]),
         select_manifest(records, load_manifest(world / "manifest.json")),
@@ -152,7 +153,7 @@ def _tracking(tmp_path):
 
 
 def _small(world):
-    records = pd.read_parquet(world / "records.parquet")
+    records = read_records(world / "records.parquet")
     return select_manifest(records, load_manifest(world / "manifest.json")), \
         select_manifest(records, load_manifest(world / "dev.json"))
 

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("medmat.data.ingest", "read a Med-MAT tree into one records table"),
     "validate": ("medmat.validate.suite", "check the records table with Great Expectations"),
     "designs": ("medmat.designs", "write the CG experiment arms of each target as mixture manifests"),
-    "train": ("medmat.train", "train a model on a mixture (tiny CPU VLM or a local HF checkpoint)"),
+    "train": ("medmat.train_cli", "train a model on a mixture (tiny CPU VLM or a local HF checkpoint)"),
     "evaluate": ("medmat.evaluate", "score a model on a target's test set (accuracy, CI, confusion)"),
     "search": ("medmat.search", "Optuna search for the training mixture that serves a target best"),
     "register": ("medmat.registry", "add evaluated runs to the MLflow registry; move `champion`"),

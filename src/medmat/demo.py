@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
+    from medmat.tracking import MLFLOW_TRACKING_URI
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", MLFLOW_TRACKING_URI)
     # dvc.yaml's commands call `medmat` and `python`: put this interpreter's bin/ (the venv) first on
     # PATH so they resolve to it even when the venv is not activated (as under `make demo`).
     bin_dir = str(Path(sys.executable).parent)

@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def _target_label(subset_no: int) -> str:
-    try:
-        from medmat.catalog import load_catalog
+    """The subset's triplet for the run's tags ("subset04" for a number the catalogue lacks)."""
+    from medmat.catalog import load_catalog
+    from medmat.names import subset_key
 
+    try:
         return str(load_catalog().triplet_of_subset(int(subset_no)))
-    except Exception:
-        return f"subset{int(subset_no):02d}"
+    except (KeyError, LookupError, ValueError):
+        return f"subset{subset_key(subset_no)}"
 
 
 # ------------------------------------------------------------------------------------------ CLI

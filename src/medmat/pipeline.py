@@ -30,6 +30,7 @@ from typing import Any
 
 from medmat.config import ConfigError
 from medmat.io import atomic_write_json, atomic_write_text
+from medmat.names import norm_target
 from medmat.runspec import RunSpec, StudyParams, load_study_params
 
 log = logging.getLogger("medmat.pipeline")
@@ -37,12 +38,6 @@ log = logging.getLogger("medmat.pipeline")
 WORLDS = {"main": ("work/records.parquet", "work/designs", "work/runs", "work/metrics/main"),
           "control": ("work/control/records.parquet", "work/control/designs", "work/control_runs",
                       "work/metrics/entangled")}
-
-
-def norm_target(t: Any) -> str:
-    from medmat.names import norm_target as _norm
-
-    return _norm(t)
 
 
 def data_version_of(records: str) -> str:
@@ -230,7 +225,7 @@ def run_best(*, params: str = "params.yaml", records: str = "work/records.parque
     output folder: DVC outputs may not overlap."""
     study = load_study_params(params)
     from medmat.data.records import world_of
-    from medmat.mixture import resolve_mixture, save_manifest
+    from medmat.mixture import save_manifest, select_manifest
     from medmat.ray_executor import dispatch
     from medmat.unit import records_table
 
@@ -240,12 +235,10 @@ def run_best(*, params: str = "params.yaml", records: str = "work/records.parque
         index = _load_index(designs_dir, target)
         best = json.loads((Path(search_dir) / target / "best_mixture.json").read_text(encoding="utf-8"))
         cell_dir = Path(runs_root) / target / "search_best"
-        spec_in = {"components": best["components"]}
-        if best.get("exact_total"):
-            spec_in["exact_total"] = best["exact_total"]
-        _, manifest = resolve_mixture(table, spec_in, seed=int(best.get("seed", 0)))
+        # exactly the records the best trial trained on (its dev split and leaking images excluded)
+        select_manifest(table, best, where=str(Path(search_dir) / target / "best_mixture.json"))
         manifest_path = cell_dir / "manifest.json"
-        save_manifest(manifest_path, {**best, **manifest, "arm": "search_best", "target": target})
+        save_manifest(manifest_path, {**best, "arm": "search_best", "target": target})
         dev = Path(designs_dir) / target / index["dev"] if index.get("dev") else None
         specs += [RunSpec(target=target, triplet=index["triplet"], subset_no=int(index["subset_no"]),
                           arm="search_best", seed=int(s), records=records, run_dir=str(cell_dir / f"seed{int(s)}"),

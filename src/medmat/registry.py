@@ -332,7 +332,8 @@ def register_runs(runs_root: Path, target: str | None = None, cfg: RegisterConfi
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", type=Path, required=True, help="run directories root (work/runs)")
+    parser.add_argument("--runs", type=Path, action="append", required=True,
+                        help="run directories root (work/runs); repeat for several (work/best_runs)")
     parser.add_argument("--target", default=None, help="only this target (subset number or triplet)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=None, help="write a JSON summary of what was registered")
@@ -364,15 +365,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    if not args.runs.is_dir():
-        log.error("%s: runs folder not found (train and evaluate first)", args.runs)
+    missing = [str(r) for r in args.runs if not r.is_dir()]
+    if missing:
+        log.error("%s: runs folder not found (train and evaluate first)", ", ".join(missing))
         return 2
     import mlflow
 
     tracking.setup(track_cfg)
     target = _target_label(args.target) if args.target else None
+    client = mlflow.MlflowClient(tracking.effective_uri(track_cfg))
     try:
-        outcomes = register_runs(args.runs, target, cfg, mlflow.MlflowClient(tracking.effective_uri(track_cfg)))
+        outcomes = [o for root in args.runs for o in register_runs(root, target, cfg, client)]
     except RegistryError as exc:
         log.error("%s", exc)
         return 2
@@ -382,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_json(args.out, [dataclasses.asdict(o) for o in outcomes], indent=1)
     if not outcomes:
-        log.warning("%s: no candidate arms (metrics.json with candidate: true and a dev accuracy)%s", args.runs,
+        log.warning("%s: no candidate arms (metrics.json with candidate: true and a dev accuracy)%s",
+                    ", ".join(map(str, args.runs)),
                     f" for target {target}" if target else "")
     return 0

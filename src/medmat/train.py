@@ -20,7 +20,6 @@ seed, same thread count).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -37,12 +36,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from medmat.config import ConfigError, from_dict, load_params
+from medmat.config import ConfigError
+from medmat.checkpoints import STATE_FILE, checkpoints, replace_dir
 from medmat.io import atomic_write_json
+from medmat.schedule import TrainOrder, lr_lambda
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
 
 
 @dataclasses.dataclass
@@ -113,35 +113,6 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ small helpers
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put folder `tmp` at `final` atomically enough: a reader sees the old or the new, never half."""
-    _fsync_tree(tmp)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     atomic_write_json(path, data, indent=1)
 
@@ -156,16 +127,6 @@ def _rows(df) -> list[dict]:
     return df.to_dict("records") if hasattr(df, "to_dict") else list(df)
 
 
-def checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under RUN_DIR/checkpoints, oldest first (temp folders are ignored)."""
-    root = Path(out_dir) / "checkpoints"
-    found = []
-    for p in root.glob("step-*") if root.is_dir() else []:
-        if (p / STATE_FILE).is_file() and p.name[5:].isdigit():
-            found.append((int(p.name[5:]), p))
-    return [p for _, p in sorted(found)]
-
-
 def fingerprint(train_cfg: TrainConfig, model_cfg, record_ids: list[str]) -> str:
     """What a checkpoint must match to be resumed: the training maths, the model and the data."""
     keep = dataclasses.asdict(train_cfg)
@@ -175,52 +136,15 @@ def fingerprint(train_cfg: TrainConfig, model_cfg, record_ids: list[str]) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def dev_accuracy(backend, dev_rows: list[dict], batch_size: int = 256) -> float:
-    """Accuracy of the likelihood scorer (argmax over option scores) on the dev rows."""
-    try:
-        from medmat.evaluate import evaluate_backend
-    except ImportError:
-        evaluate_backend = None
-    if evaluate_backend is not None:
-        import pandas as pd
+def dev_accuracy(backend, dev_rows: list[dict], batch_size: int = 256, seed: int = 0) -> float:
+    """Accuracy of the likelihood scorer on the dev rows (ties broken as in evaluation, by seed)."""
+    import pandas as pd
 
-        res = evaluate_backend(backend, pd.DataFrame(dev_rows), scorer="likelihood", batch_size=batch_size, progress=False)
-        return float(res.accuracy)
-    correct = 0
-    for i in range(0, len(dev_rows), batch_size):
-        chunk = dev_rows[i : i + batch_size]
-        for row, scores in zip(chunk, backend.score_options(chunk)):
-            correct += int(chr(ord("A") + int(np.argmax(scores))) == str(row["answer_letter"]).strip().upper())
-    return correct / max(1, len(dev_rows))
+    from medmat.scoring import evaluate_backend
 
-
-class _Order:
-    """Training order as a pure function of (seed, epoch, micro-batch): resuming needs no sampler state."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        import torch
-
-        self.n, self.bs, self.seed = n, min(batch_size, n), seed
-        self.per_epoch = n // self.bs  # drop the ragged tail: every micro-batch has the same size
-        self._torch = torch
-        self._epoch, self._perm = -1, None
-
-    def batch(self, m: int) -> list[int]:
-        epoch, j = divmod(m, self.per_epoch)
-        if epoch != self._epoch:
-            g = self._torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = self._torch.randperm(self.n, generator=g).tolist(), epoch
-        return self._perm[j * self.bs : (j + 1) * self.bs]
-
-
-def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
+    res = evaluate_backend(backend, pd.DataFrame(dev_rows), scorer="likelihood", batch_size=batch_size,
+                           progress=False, seed=seed)
+    return float(res.accuracy)
 
 
 # ------------------------------------------------------------------------------------------- core
@@ -289,7 +213,7 @@ def train_model(
     record_ids = [str(r.get("record_id", i)) for i, r in enumerate(train_rows)]
     fp = fingerprint(train_cfg, model_cfg, record_ids)
 
-    order = _Order(len(train_rows), train_cfg.batch_size, train_cfg.seed)
+    order = TrainOrder(len(train_rows), train_cfg.batch_size, train_cfg.seed)
     if order.bs % accel.num_processes:
         raise ValueError(f"batch_size {order.bs} is not divisible by {accel.num_processes} processes")
     total = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * order.per_epoch / train_cfg.grad_accum))
@@ -309,7 +233,7 @@ def train_model(
         lr=train_cfg.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(train_cfg.warmup_steps, total, train_cfg.min_lr_ratio)
+        optimizer, lr_lambda(train_cfg.warmup_steps, total, train_cfg.min_lr_ratio)
     )
     model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
     backend.model = model  # the backend's loss() now runs through the (possibly DDP-wrapped) module
@@ -364,7 +288,7 @@ def train_model(
             backend.model = accel.unwrap_model(model)  # score through the plain module (HF generate etc.)
             try:
                 with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-                    acc = dev_accuracy(backend, dev_rows, train_cfg.eval_batch_size)
+                    acc = dev_accuracy(backend, dev_rows, train_cfg.eval_batch_size, seed=train_cfg.seed)
             finally:
                 backend.model = model
                 model.train()
@@ -387,7 +311,7 @@ def train_model(
                 write_json_atomic(tmp / STATE_FILE, {"step": step, "dev_history": dev_history,
                                                      "last_loss": last_loss, "fingerprint": fp,
                                                      "run_id": run_id})
-                _replace_dir(tmp, root / f"step-{step}")
+                replace_dir(tmp, root / f"step-{step}")
                 log.debug("checkpoint %s", root / f"step-{step}")
                 for old in checkpoints(out)[: -train_cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -461,7 +385,7 @@ def train_model(
             tmp = out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             backend.save(tmp)
-            _replace_dir(tmp, out / "model")
+            replace_dir(tmp, out / "model")
             write_json_atomic(out / "train_metrics.json", result.metrics())
             if tracker is not None:
                 tracker.log_metrics({"train_samples_per_s": result.samples_per_s, "train_wall_s": wall})
@@ -471,77 +395,3 @@ def train_model(
                     log_served_model(out / "model")
         accel.wait_for_everyone()
     return result
-
-
-# -------------------------------------------------------------------------------------------- CLI
-
-_OVERRIDES = {  # CLI flag -> TrainConfig field
-    "max_steps": int, "epochs": float, "lr": float, "batch_size": int, "grad_accum": int,
-    "warmup_steps": int, "eval_every": int, "checkpoint_every": int, "num_threads": int,
-}
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--records", required=True, help="records table (records.parquet from `medmat ingest`)")
-    parser.add_argument("--manifest", required=True, help="mixture manifest (or bare spec) selecting the training records")
-    parser.add_argument("--out", required=True, help="run folder: checkpoints/, model/, train_metrics.json, mlflow_run_id")
-    parser.add_argument("--params", default="params.yaml", help="parameter file (sections model, train, tracking)")
-    parser.add_argument("--dev-manifest", help="manifest selecting the dev records (evaluated every eval_every steps)")
-    parser.add_argument("--target", help="target subset/triplet (MLflow tag)")
-    parser.add_argument("--arm", help="experiment arm (MLflow tag)")
-    parser.add_argument("--seed", type=int, help="override train.seed")
-    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    for name, typ in _OVERRIDES.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=typ, help=f"override train.{name}")
-
-
-def _read_records(path: Path):
-    """(records table with image paths, its data root)."""
-    from medmat.data.records import data_root_of, read_records
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: records table not found (run `medmat ingest` first)")
-    return read_records(path), str(data_root_of(path))
-
-
-def run(args: argparse.Namespace) -> int:
-    from medmat.mixture import MixtureError, load_manifest, select_manifest
-    from medmat.models import ModelConfig
-
-    try:
-        params = load_params(args.params)
-        train_values = dict(params.get("train") or {})
-        for name in _OVERRIDES:
-            if getattr(args, name, None) is not None:
-                train_values[name] = getattr(args, name)
-        if args.seed is not None:
-            train_values["seed"] = args.seed
-        train_cfg = from_dict(TrainConfig, train_values, where=f"{args.params}: section 'train'")
-        model_cfg = from_dict(ModelConfig, params.get("model"), where=f"{args.params}: section 'model'")
-        tracking = None
-        if not args.no_tracking:
-            from medmat.tracking import TrackingConfig, run_tags
-
-            tracking = from_dict(TrackingConfig, params.get("tracking"), where=f"{args.params}: section 'tracking'")
-        records, data_root = _read_records(Path(args.records))
-        manifest = load_manifest(args.manifest)
-        train_df = select_manifest(records, manifest, where=args.manifest)
-        dev_df = None
-        if args.dev_manifest:
-            dev_df = select_manifest(records, load_manifest(args.dev_manifest), where=args.dev_manifest)
-    except (ConfigError, MixtureError, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    tags = None
-    if tracking is not None:
-        tags = run_tags(target=args.target, arm=args.arm, backend=model_cfg.backend, seed=train_cfg.seed)
-    name = "/".join(str(x) for x in (args.target, args.arm, f"seed{train_cfg.seed}") if x is not None)
-    result = train_model(
-        train_cfg, model_cfg, train_df, dev_df=dev_df, out_dir=args.out, tracking=tracking,
-        run_name=name, tags=tags, data_root=data_root, manifest=manifest,
-        params={"manifest_sha256": manifest.get("sha256", "")},
-    )
-    if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
-        log.info("trained %d steps on %d records: dev accuracy %s, %.0f samples/s -> %s",
-                 result.steps, result.n_train, result.final_dev_accuracy, result.samples_per_s, args.out)
-    return 0
