@@ -101,11 +101,11 @@ GRACE = 2  # seconds without a heartbeat after which a RUNNING trial counts as d
 WORKER = textwrap.dedent("""
     import os, sys, time
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, name, n, hang, grace = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     storage = RDBStorage(url, heartbeat_interval=1, grace_period=grace,
-                         failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     study = optuna.load_study(study_name=name, storage=storage)
 
     def objective(trial):
@@ -121,9 +121,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
 def test_optuna_on_postgres_retries_the_trial_of_a_killed_worker_once(stack, tmp_path):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     n, name = 6, f"kill-test-{os.getpid()}"
@@ -158,7 +159,7 @@ def test_optuna_on_postgres_retries_the_trial_of_a_killed_worker_once(stack, tmp
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     (failed,) = [t for t in trials if t.state == TrialState.FAIL]
     assert failed.number == killed_number  # the killed one, failed by the heartbeat check
-    retries = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) == killed_number]
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed_number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE  # retried exactly once
     assert retries[0].params == failed.params  # the same point, not a new one
 
