@@ -121,8 +121,27 @@ class RunSpec:
             "manifest": manifest_hash, "dev": dev_hash, "records": _file_sha256(self.records),
             "train": dataclasses.asdict(self.params.train) if self.manifest else None,
             "model": dataclasses.asdict(self.params.model), "evaluate": dataclasses.asdict(self.params.evaluate),
+            "code": code_version(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# The code that decides a unit's numbers: a change here makes every unit run again (DVC reruns the
+# stage on any code change it depends on; units whose results cannot change are still skipped).
+RESULT_CODE = ("models", "train.py", "schedule.py", "checkpoints.py", "scoring.py", "mixture.py", "unit.py",
+               "data/images.py", "data/records.py")
+
+
+def code_version() -> str:
+    """sha256 over the source files in RESULT_CODE, once per process."""
+    if not hasattr(code_version, "value"):
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for rel in RESULT_CODE:
+            for f in sorted((root / rel).rglob("*.py")) if (root / rel).is_dir() else [root / rel]:
+                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+        code_version.value = h.hexdigest()[:16]
+    return code_version.value
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
