@@ -22,7 +22,7 @@ Why these pieces:
 - Text embeddings start small (`text_init_std`): the n-grams of a label no training touched stay near
   zero instead of a large random vector drawn anew by each seed. Measured on Med-MAT-mini (worlds of
   seeds 0 and 1, 3 training seeds, 150 steps): Related arms whose target labels were all seen vary by
-  at most 2 points between seeds at either scale; arms whose target labels are partly unseen still vary
+  at most 3 points between seeds at either scale; arms whose target labels are partly unseen still vary
   by 5-20 points (CT-Lung-COVID from subsets 30 + 05: sd 19 at N(0, 1), 12 at N(0, 0.02)) - what such
   an arm answers for an unseen label is not determined by the data.
 - `norm: group` (GroupNorm feature maps) is kept as an option: instance norm before the global pool
