@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+from medmat import names
 from medmat.io import atomic_write_json
 
 # The paper caps training sets at 3,000 samples per subset (reference README).
@@ -33,9 +34,9 @@ class MixtureError(ValueError):
 
 
 def subset_key(subset: Any) -> str:
-    """Canonical component name: subset number as a zero-padded string ("4", 4, "04" -> "04")."""
+    """Canonical component name (medmat.names.subset_key); a bad one is a MixtureError naming it."""
     try:
-        return f"{int(str(subset).strip()):02d}"
+        return names.subset_key(subset)
     except ValueError:
         raise MixtureError(f"mixture component {subset!r}: not a subset number") from None
 

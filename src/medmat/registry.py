@@ -126,7 +126,7 @@ def model_name(world: str, backend: str, triplet: str, prefix: str = "medmat") -
 
 
 def _norm_target(value: Any) -> str:
-    from medmat.names import norm_target
+    from medmat.names import norm_target, subset_key
 
     return norm_target(value)
 
@@ -342,13 +342,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _target_label(text: str) -> str:
     """"3", "03" or "CT-Lung-COVID" -> "03" (as metrics.json names targets); a triplet naming no
     catalogue subset stays as written."""
-    from medmat.names import norm_target
+    from medmat.names import norm_target, subset_key
 
     try:
         from medmat.catalog import parse_target
 
         _, no = parse_target(text)
-        return f"{no:02d}" if no is not None else norm_target(text)
+        return subset_key(no) if no is not None else norm_target(text)
     except (LookupError, ValueError):
         return norm_target(text)
 

@@ -27,12 +27,13 @@ from medmat.data.discovery import discover
 from medmat.data.json_records import load_records_strict
 from medmat.data.release_files import FILE_PATTERNS, SPLITS, FormatError, SourceFile  # noqa: F401 (re-exported)
 from medmat.io import atomic_write_text, default_file_mode  # noqa: F401  (re-exported for ingest)
+from medmat.names import LETTERS as ALL_LETTERS
 
 ORIGINAL_DIR = "Original_Medical_Datasets"
 SUBSET_DIR = "Aggregated_Subsets"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
-LETTERS = "ABCD"
-MAX_OPTIONS = len(LETTERS)
+MAX_OPTIONS = 4  # Med-MAT records have at most four options (A-D)
+LETTERS = ALL_LETTERS[:MAX_OPTIONS]
 # Key order of a public record (json.dump keeps dict order, so written files match the release).
 RECORD_KEYS = ("id", "caption", "image", "Question", "Answer", "Question-choice", "Answer-choice", "data-no")
 # The paper's 9:1 split where a dataset has no split of its own.

@@ -30,7 +30,6 @@ from typing import Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
-LETTERS = "ABCD"
 MAX_OPTIONS = 4
 DEFAULT_TRAIN_CAP = 3000  # per subset (paper, section 3)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}

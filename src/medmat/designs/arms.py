@@ -38,6 +38,7 @@ from medmat.designs import rules
 from medmat.designs.leakage import leaking_records
 from medmat.io import atomic_write_json
 from medmat.mixture import MixtureError, resolve_mixture
+from medmat.names import subset_key
 
 # "related_without_*" (not "_wo_"): the search's warm start takes arms named related* / all_related
 # and leaves out names containing "without" (the ablations answer another question).
@@ -91,7 +92,7 @@ class Target:
     @property
     def label(self) -> str:
         """Folder name: the zero-padded subset number, else the triplet."""
-        return f"{self.subset_no:02d}" if self.subset_no is not None else str(self.triplet)
+        return subset_key(self.subset_no) if self.subset_no is not None else str(self.triplet)
 
 
 def resolve_target(text: str | int, catalog: Catalog | None = None) -> Target:
@@ -146,7 +147,7 @@ def target_splits(records: pd.DataFrame, target: Target, dev_size: int, seed: in
 
 def _even(members: list[int], total: int) -> dict[str, int]:
     """Equal requests summing to at least `total` (the exact total is resolve_mixture's job)."""
-    return {f"{no:02d}": math.ceil(total / len(members)) for no in members}
+    return {subset_key(no): math.ceil(total / len(members)) for no in members}
 
 
 @dataclasses.dataclass
@@ -192,13 +193,13 @@ def _combination(b: _Arms, c: rules.Combination, unrelated: list[int], cat: Cata
     # Baseline+ at exactly the Related arm's SELECTED total (what it actually trains on)
     total = rel["total"]
     bp = b.resolve(f"{c.id}/baseline_plus", _even(bp_members, total), exact_total=total, combination=c.id,
-                   members={f"{no:02d}": str(cat.triplet_of_subset(no)) for no in bp_members})
+                   members={subset_key(no): str(cat.triplet_of_subset(no)) for no in bp_members})
     if bp is None:
         return None
     b.files[f"{c.id}/related.json"], b.files[f"{c.id}/baseline_plus.json"] = rel, bp
     row = rules.paper_row(c.paper_row) if c.paper_row else None
     return {
-        "id": c.id, "direction": c.direction, "related": [f"{n:02d}" for n in c.related], "members": members,
+        "id": c.id, "direction": c.direction, "related": [subset_key(n) for n in c.related], "members": members,
         "coarse_task": c.coarse_task, "coarse_tasks": list(c.roles),
         "paper_row": row.row if row else None, "paper_rows": list(c.paper_rows),
         "paper_primary": c.paper_primary, "primary_rows": list(c.primary_rows),

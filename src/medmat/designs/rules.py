@@ -34,6 +34,7 @@ import pandas as pd
 
 from medmat.catalog import Catalog, Triplet, load_catalog
 from medmat.catalog.tasks import subset_tasks
+from medmat.names import subset_key
 
 ELEMENTS = ("modality", "area", "task")
 # direction -> the exact share pattern of each member slot
@@ -85,7 +86,7 @@ class Combination:
     @property
     def id(self) -> str:
         """File-safe id: <direction>-<a>-<b>[-<c>]."""
-        return "-".join([self.direction, *(f"{n:02d}" for n in self.related)])
+        return "-".join([self.direction, *(subset_key(n) for n in self.related)])
 
     @property
     def coarse_task(self) -> str:
@@ -96,7 +97,7 @@ class Combination:
         out = {}
         for no, task in zip(self.related, self.plays[self.coarse_task]):
             t = catalog.triplet_of_subset(no)
-            out[f"{no:02d}"] = str(Triplet(t.modality, t.area, task))
+            out[subset_key(no)] = str(Triplet(t.modality, t.area, task))
         return out
 
 

@@ -26,10 +26,11 @@ from typing import Any
 
 from medmat.names import subset_key
 from medmat.search.space import MLFLOW_RUN, MixtureSpace, SearchError, key
+from medmat.tracking import OPTUNA_STORAGE
 
 log = logging.getLogger("medmat.search")
 
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_STORAGE = OPTUNA_STORAGE
 
 
 @dataclasses.dataclass
@@ -88,7 +89,7 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
 
     cat = load_catalog()
     triplet, target_no = parse_target(target_text, cat)
-    target = f"{target_no:02d}" if target_no is not None else str(triplet)
+    target = subset_key(target_no) if target_no is not None else str(triplet)
     try:
         records = read_records(records_path)
         data_root, world = str(data_root_of(records_path)), world_of(records_path)
