@@ -121,7 +121,7 @@ def main() -> int:
         print(json.dumps(out))
         return 0
 
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
 
     base = args.reuse or Path(tempfile.mkdtemp(prefix="medmat-bench-", dir=args.work))
     data, work = base / "data", base / "work"

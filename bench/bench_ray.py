@@ -41,7 +41,7 @@ def build_world(root: Path, steps: int, units: int, image_size: int) -> list:
     """Med-MAT-mini (3 subsets), ingested; two Related-style mixtures of target 03; `units` run specs."""
     from medmat.data.ingest import ingest_to_parquet
     from medmat.data.records import read_records
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
     from medmat.mixture import resolve_mixture, save_manifest
     from medmat.runspec import RunSpec, load_study_params
 

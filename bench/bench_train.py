@@ -142,7 +142,7 @@ def child(mode: str, records: str, steps: int, store: str) -> None:
 
 def _make_world(root: Path) -> str:
     from medmat.data.ingest import ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
 
     generate(root / "data", SynthParams(train_per_subset=300, test_per_subset=40), progress=False)
     ingest_to_parquet(root / "data", root / "records.parquet")

@@ -49,7 +49,7 @@ def sh(*cmd: str, cwd: Path, check: bool = True, timeout: int = 600) -> subproce
 def project(tmp_path_factory) -> Path:
     """A git + DVC repository: this project's dvc.yaml, small params, a tiny generated data/ tracked by DVC."""
     from medmat.config import from_dict
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
 
     root = tmp_path_factory.mktemp("dvcproj")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")

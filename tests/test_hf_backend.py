@@ -269,7 +269,7 @@ def test_two_process_accelerate_launch_lora(tmp_path):
     import yaml
 
     from medmat.data.ingest import ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
     from medmat.mixture import resolve_mixture, save_manifest
 
     generate(tmp_path / "data", SynthParams(train_per_subset=12, test_per_subset=6), progress=False)

@@ -130,8 +130,6 @@ def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=False, reason="lazy import cycles remain in modules being split (issue 8); "
-                                        "the lead makes this strict once they are gone")
 def test_no_import_cycles_anywhere():
     found = cycles(import_edges())
     assert not found, f"modules that import each other (directly or round a loop): {found}"

@@ -145,7 +145,7 @@ def small_study(tmp_path_factory):
     """A tiny Med-MAT-mini, ingested and designed for target 03, with params that train a few steps."""
     from medmat.config import from_dict
     from medmat.data.ingest import ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
     from medmat.designs import design_targets
 
     root = tmp_path_factory.mktemp("study")

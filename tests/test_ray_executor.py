@@ -29,7 +29,7 @@ def build_tiny_study(root: Path, steps: int = 30, seeds=SEEDS):
     Related x `seeds`, with paths relative to `root` (run them with `root` as working directory)."""
     from medmat.data.ingest import ingest_to_parquet
     from medmat.data.records import read_records
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
     from medmat.mixture import resolve_mixture, save_manifest
     from medmat.runspec import RunSpec, load_study_params
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from medmat.catalog import load_catalog
 from medmat.cli import main
-from medmat.data import synth
+from medmat.data import synth, synth_world
 from medmat.data.medmat_format import RECORD_KEYS, find_files, parse_question_choice, read_records
 
 TINY = dict(train_per_subset=8, test_per_subset=8)   # >= one label-balanced group per dataset
@@ -32,7 +32,7 @@ def tree_hash(root: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini") / "data"
-    summary = synth.generate(root, synth.SynthParams(**TINY), progress=False)
+    summary = synth_world.generate(root, synth_world.SynthParams(**TINY), progress=False)
     return root, summary
 
 
@@ -117,8 +117,8 @@ def test_pattern_tables():
     assert ent[("CT", "Cancer", "Normal")] != ent[("CT", "COVID", "Normal")]
     assert None not in ent.values()
     # the real world's looks fit in the pattern space
-    plans = synth.plan_world(synth.SynthParams(**TINY))
-    ent = synth.pattern_table(synth.labels_by_kind(plans), 0, entangled=True)
+    plans = synth_world.plan_world(synth_world.SynthParams(**TINY))
+    ent = synth.pattern_table(synth_world.labels_by_kind(plans), 0, entangled=True)
     assert len(set(ent.values())) == len(ent)
 
 
@@ -145,10 +145,10 @@ def test_png_encoder_round_trips():
 def test_byte_identical_for_a_seed_and_different_otherwise(tmp_path, world):
     root, _ = world
     again = tmp_path / "again"
-    synth.generate(again, synth.SynthParams(**TINY), progress=False)
+    synth_world.generate(again, synth_world.SynthParams(**TINY), progress=False)
     assert tree_hash(again) == tree_hash(root)
     other = tmp_path / "seed1"
-    synth.generate(other, synth.SynthParams(seed=1, **FEW), progress=False)
+    synth_world.generate(other, synth_world.SynthParams(seed=1, **FEW), progress=False)
     one = root / "Original_Medical_Datasets" / "ori--05-train.json"
     assert one.read_bytes() != (other / one.relative_to(root)).read_bytes()
     img = read_records(one)[0]["image"]
@@ -158,7 +158,7 @@ def test_byte_identical_for_a_seed_and_different_otherwise(tmp_path, world):
 def test_entangled_world_differs_in_lesions_only(tmp_path, world):
     root, _ = world
     ent = tmp_path / "ent"
-    synth.generate(ent, synth.SynthParams(entangled=True, **TINY), progress=False)
+    synth_world.generate(ent, synth_world.SynthParams(entangled=True, **TINY), progress=False)
     assert tree_hash(ent) != tree_hash(root)
     card_d = json.loads((root / "MEDMAT_MINI.json").read_text())
     card_e = json.loads((ent / "MEDMAT_MINI.json").read_text())
@@ -174,14 +174,14 @@ def test_entangled_world_differs_in_lesions_only(tmp_path, world):
 
 def test_no_shared_normal(tmp_path):
     out = tmp_path / "w"
-    synth.generate(out, synth.SynthParams(shared_normal=False, **FEW), progress=False)
+    synth_world.generate(out, synth_world.SynthParams(shared_normal=False, **FEW), progress=False)
     answers = {r["Answer"] for f in find_files(out, kinds=("dataset",)) for r in read_records(f.path)}
     assert "Normal" not in answers and {"No COVID", "No Cancer"} <= answers
 
 
 def test_full_scale_metadata_count(tmp_path):
     out = tmp_path / "full"
-    s = synth.generate(out, synth.SynthParams(scale="full", full_records=5000, **FEW), progress=False)
+    s = synth_world.generate(out, synth_world.SynthParams(scale="full", full_records=5000, **FEW), progress=False)
     assert s["full_records"] == 5000
     ori = [r for f in find_files(out, kinds=("dataset",)) for r in read_records(f.path)]
     sub = [r for f in find_files(out, kinds=("subset",)) for r in read_records(f.path)]
@@ -212,17 +212,17 @@ def test_marker_says_what_the_world_is(world):
     root, _ = world
     card = json.loads((root / "MEDMAT_MINI.json").read_text())
     assert (card["generator"], card["seed"], card["entangled"], card["shape"]) == ("medmat synth", 0, False, "release")
-    plans = synth.plan_world(synth.SynthParams(**TINY))
-    assert card["test_fraction"] == synth.test_fraction(plans)
+    plans = synth_world.plan_world(synth_world.SynthParams(**TINY))
+    assert card["test_fraction"] == synth_world.test_fraction(plans)
 
 
 def test_default_world_derives_test_sets_as_large_as_before():
     # The derived share is the one the world was built with, so each subset's derived test set is about
     # test_per_subset records (210), as the legacy shape wrote them (measured on the full default world:
     # 208-210 per subset).
-    params = synth.SynthParams()
-    plans = synth.plan_world(params)
-    frac = synth.test_fraction(plans)
+    params = synth_world.SynthParams()
+    plans = synth_world.plan_world(params)
+    frac = synth_world.test_fraction(plans)
     per_subset: Counter = Counter()
     for p in plans:
         per_subset[p.subset_no] += p.n_train + p.n_test
@@ -237,8 +237,8 @@ def test_release_and_legacy_shapes_ingest_alike(tmp_path):
 
     params = dict(train_per_subset=12, test_per_subset=6, subsets=[3, 5])
     rel, leg = tmp_path / "release", tmp_path / "legacy"
-    n = synth.generate(rel, synth.SynthParams(**params), progress=False)["records"]
-    assert synth.generate(leg, synth.SynthParams(shape="legacy", **params), progress=False)["records"] == n
+    n = synth_world.generate(rel, synth_world.SynthParams(**params), progress=False)["records"]
+    assert synth_world.generate(leg, synth_world.SynthParams(shape="legacy", **params), progress=False)["records"] == n
     assert {f.split for f in find_files(rel)} == {"train"} and {f.split for f in find_files(leg)} == {"train", "test"}
     for side in ("datasets", "subsets"):
         a, pa_, sa = ingest(rel, IngestParams(read=side))
@@ -269,7 +269,7 @@ def test_pipeline_entry_points_mark_the_world(tmp_path):
     from medmat.data.records import read_records, world_of
 
     raw = {"synth": {"train_per_subset": 8, "test_per_subset": 4, "subsets": [5]}, "ingest": {"seed": 0}}
-    synth.generate_from_params(tmp_path / "data", raw, entangled=True)
+    synth_world.generate_from_params(tmp_path / "data", raw, entangled=True)
     assert json.loads((tmp_path / "data" / "MEDMAT_MINI.json").read_text())["entangled"] is True
     ingest_world(tmp_path / "data", tmp_path / "records.parquet", raw)
     assert world_of(tmp_path / "records.parquet") == "mini-entangled"

@@ -20,7 +20,7 @@ SUBSETS = {"03": 150, "28": 150, "22": 150, "04": 150}  # CT-Lung, X-ray-Lung, M
 def world(tmp_path_factory):
     """A small Med-MAT-mini (helper synth + ingest, the real data path) and its records table."""
     from medmat.data.ingest import ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
 
     root = tmp_path_factory.mktemp("mini")
     generate(root / "data", SynthParams(train_per_subset=150, test_per_subset=60, image_size=32), progress=False)

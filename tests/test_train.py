@@ -37,7 +37,7 @@ def _one_store_per_test(monkeypatch):
 def world(tmp_path_factory):
     """A small Med-MAT-mini, its records table, a training manifest and a dev manifest."""
     from medmat.data.ingest import ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
 
     root = tmp_path_factory.mktemp("trainworld")
     generate(root / "data", SynthParams(train_per_subset=40, test_per_subset=20, image_size=32), progress=False)

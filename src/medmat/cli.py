@@ -14,7 +14,7 @@ import sys
 # sub-command -> (module, one-line help). Order is the pipeline's data order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "catalog": ("medmat.catalog.cli", "show and check the MAT catalogue (datasets, subsets, triplets)"),
-    "synth": ("medmat.data.synth", "generate Med-MAT-mini in the public Med-MAT layout"),
+    "synth": ("medmat.data.synth_world", "generate Med-MAT-mini in the public Med-MAT layout"),
     "build-qa": ("medmat.data.qa", "build Med-MAT-style QA records from raw image-label pairs"),
     "ingest": ("medmat.data.ingest", "read a Med-MAT tree into one records table"),
     "validate": ("medmat.validate.suite", "check the records table with Great Expectations"),

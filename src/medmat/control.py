@@ -35,7 +35,7 @@ def control_data(out: str = "work/control", params: str = "params.yaml") -> int:
     import dataclasses
 
     from medmat.data.ingest import IngestParams, ingest_to_parquet
-    from medmat.data.synth import SynthParams, generate
+    from medmat.data.synth_world import SynthParams, generate
     from medmat.designs import design_targets
 
     synth = dataclasses.replace(load_section(SynthParams, "synth", params), entangled=True)

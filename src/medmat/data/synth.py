@@ -383,18 +383,3 @@ def encode_png(arr: np.ndarray) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(up.tobytes(), 1))
             + chunk(b"IEND", b""))
-
-
-# The world writer (plans, counts, file shape, CLI) is medmat.data.synth_world; its names are served
-# from here too (a lazy import), so `medmat.data.synth.generate` and `medmat synth` keep working.
-_WORLD_NAMES = {"SynthParams", "DatasetPlan", "plan_world", "labels_by_kind", "generate_dataset", "generate", "SHAPES",
-                "generate_from_params", "world_card", "configure", "params_from_args", "run", "files_of_dataset",
-                "subset_file", "test_fraction"}
-
-
-def __getattr__(name: str):
-    if name in _WORLD_NAMES:
-        from medmat.data import synth_world
-
-        return getattr(synth_world, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
