@@ -213,3 +213,64 @@ def test_dvc_push_pull_through_s3_then_repro_is_a_no_op(stack, tmp_path):
     assert (clone / "out" / "count.txt").read_text() == "2"
     out = _dvc(clone, env, "repro")
     assert "didn't change, skipping" in out and "Running stage" not in out, out
+
+
+SEARCH_WORKER = textwrap.dedent("""
+    import os, sys, time
+    import medmat.search.storage as st
+    from medmat.search.space import MixtureSpace
+    url, name, n, hang = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    st.RDB_HEARTBEAT_S, st.RDB_GRACE_S = 1, int(sys.argv[5])
+    if hang != "-":  # this worker plays one on another host: the owner check cannot judge it
+        st.owner_id = lambda pid=None: "another-host:1:1"
+    study = st.open_study(name, url, seed=0)
+    space = MixtureSpace(limits={"01": 400, "02": 400}, budget=400, step=100)
+
+    def evaluate(mixture, trial):
+        if hang != "-" and not os.path.exists(hang):
+            open(hang, "w").write(str(trial.number))
+            time.sleep(600)
+        time.sleep(0.1)
+        return 1.0 - abs(mixture.get("01", 0) - 300) / 400
+
+    st.run_worker(study, space, evaluate, n, st.lock_path(url, name), progress=False)
+""")
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_the_search_on_postgres_retries_a_dead_remote_workers_trial_once(stack, tmp_path):
+    """medmat.search's own worker loop on a database server: heartbeats catch a worker the host-local
+    owner check cannot see (another host), and its trial is retried exactly once."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    n, name = 4, f"search-kill-{os.getpid()}"
+    script = tmp_path / "search_worker.py"
+    script.write_text(SEARCH_WORKER)
+    marker = tmp_path / "hung"
+    doomed = subprocess.Popen([sys.executable, str(script), stack.optuna_url, name, str(n), str(marker), str(GRACE)],
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not marker.exists():
+            assert doomed.poll() is None and time.time() < deadline, "worker never started a trial"
+            time.sleep(0.1)
+        killed_number = int(marker.read_text())
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        time.sleep(GRACE + 1)
+        survivor = subprocess.run([sys.executable, str(script), stack.optuna_url, name, str(n), "-", str(GRACE)],
+                                  capture_output=True, text=True, timeout=120)
+        assert survivor.returncode == 0, survivor.stderr[-2000:]
+    finally:
+        if doomed.poll() is None:
+            os.killpg(doomed.pid, signal.SIGKILL)
+            doomed.wait()
+    trials = optuna.load_study(study_name=name, storage=stack.optuna_url).get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n, states
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed_number]
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed_number]
+    assert len(retries) == 1 and retries[0].params == trials[killed_number].params

@@ -36,6 +36,13 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+# A database server (PostgreSQL, MySQL) is shared by workers on many hosts, where the owner check below
+# cannot tell whether a worker is alive. There Optuna's heartbeats do it: a RUNNING trial whose worker
+# has not beaten for RDB_GRACE_S is failed by the next worker that starts a trial, and retried once.
+RDB_HEARTBEAT_S = 30
+RDB_GRACE_S = 120
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """SQLite (`sqlite:///path`), a journal file (`journal:path` or a path ending in .log), or any RDB URL.
 
@@ -51,7 +58,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         jpath = Path(url[len("journal:"):] if url.startswith("journal:") else url)
         jpath.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(jpath)))
-    return optuna.storages.RDBStorage(url)
+    import warnings
+
+    # Optuna warns that heartbeats are meant for Study.optimize; run_worker keeps them beating itself.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=RDB_HEARTBEAT_S, grace_period=RDB_GRACE_S,
+        failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
 
 
 def lock_path(url: str, study_name: str) -> Path:
@@ -219,6 +232,7 @@ def run_worker(study: optuna.Study, space: MixtureSpace, evaluate: Evaluate, n_t
                disable=not (progress and sys.stderr.isatty()))
     while True:
         with study_lock(lock):
+            optuna.storages.fail_stale_trials(study)  # heartbeats (database servers only; else a no-op)
             recover_stale(study)
             c = counts(study)
             bar.n = c["COMPLETE"] + c["PRUNED"]
@@ -227,7 +241,11 @@ def run_worker(study: optuna.Study, space: MixtureSpace, evaluate: Evaluate, n_t
                 break
             trial = study.ask()
             trial.set_user_attr(OWNER, owner_id())
-        _run_one(study, trial, space, evaluate)
+        # ask/tell does not beat by itself (study.optimize would): the same thread optimize uses.
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        with get_heartbeat_thread(trial._trial_id, study._storage):  # noqa: SLF001
+            _run_one(study, trial, space, evaluate)
         ran += 1
     bar.close()
     return ran
