@@ -155,6 +155,7 @@ def test_figures_and_plot_data(study):
 
 def test_cli(study, tmp_path, capsys):
     args = argparse.Namespace(runs=str(study / "runs"), control_runs=str(study / "control_runs"),
+                              best_runs=str(study / "best_runs"),
                               designs=str(study / "designs"), control_designs=str(study / "cdesigns"),
                               search=str(study / "search"), out=str(tmp_path / "out"),
                               summary=str(tmp_path / "s.json"), params=str(tmp_path / "none.yaml"))

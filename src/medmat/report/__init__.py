@@ -23,6 +23,8 @@ __all__ = ["ReportConfig", "build_report", "configure", "run"]
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default="work/runs", help="main-world runs: RUNS/<target>/<arm path>/seed<k>/")
     parser.add_argument("--control-runs", default="work/control_runs", help="entangled-world runs (same layout)")
+    parser.add_argument("--best-runs", default="work/best_runs", help="the search's best mixtures retrained: "
+                        "BEST_RUNS/<target>/search_best/seed<k>/")
     parser.add_argument("--designs", default="work/designs", help="designs folder (<target>/index.json)")
     parser.add_argument("--control-designs", default="work/control/designs", help="the control world's designs")
     parser.add_argument("--search", default="work/search", help="search outputs: SEARCH/<target>/history.csv")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"medmat report: {args.designs}: no designs folder (run `medmat designs` and the study first)")
         return 2
     s = build_report(args.runs, args.control_runs, args.designs, args.control_designs, args.search, args.out, cfg,
-                     args.summary)
+                     args.summary, best_runs_dir=args.best_runs)
     print(f"report -> {Path(args.out) / 'report.md'} ({', '.join(s['figures']) or 'no figures'}); "
           f"main gap {s['main_mean_gap_pts']} pts {s['main_gap_ci95_pts']}, "
           f"control gap {s['control_mean_gap_pts']} pts {s['control_gap_ci95_pts']}")

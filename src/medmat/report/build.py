@@ -12,7 +12,7 @@ from typing import Any
 from medmat.io import atomic_write_json, atomic_write_text
 from medmat.report import analysis, plots
 from medmat.report.analysis import DIRECTION_NAMES
-from medmat.report.runs import load_search, read_world
+from medmat.report.runs import load_search, read_arm, read_world
 
 SCALEUP_ORDER = [("baseline", "Baseline"), ("scaleup/all_unrelated", "All Unrelated"),
                  ("scaleup/all_related", "All Related"), ("scaleup/related_without_modality", "Related w/o Modality"),
@@ -64,9 +64,13 @@ def _claim_line(h: dict[str, Any], cfg: ReportConfig) -> str:
 
 def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, control_designs_dir: str | None,
                  search_dir: str | None, out_dir: str, cfg: ReportConfig,
-                 summary_path: str | None = None) -> dict[str, Any]:
+                 summary_path: str | None = None, best_runs_dir: str | None = None) -> dict[str, Any]:
     nb, bs = cfg.n_boot, cfg.bootstrap_seed
     main = read_world(runs_dir, designs_dir)
+    for target, world in main.items():  # the search's best, retrained beside the study's runs
+        best = read_arm(best_runs_dir, target, "search_best") if best_runs_dir else None
+        if best is not None:
+            world["arms"]["search_best"] = best
     ctrl = read_world(control_runs_dir, control_designs_dir or designs_dir) if control_runs_dir else {}
     search = load_search(search_dir)
     out = Path(out_dir)
