@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from medmat.catalog import load_catalog
 from medmat.config import ConfigError, from_dict, load_params
 from medmat.data.ingest_core import CRITICAL, READ_SIDES, WARNING, Ingest
-from medmat.data.ingest_output import OutputLocked, clean_stale_temps, output_lock, publish, temp_names
+from medmat.data.ingest_output import (
+    OutputLocked, clean_stale_temps, output_lock, publish, stage_writer, temp_names, write_table,
+)
 from medmat.data.medmat_format import DEFAULT_TEST_FRACTION
 from medmat.data.records import (  # noqa: F401  (re-exported: older callers import them from here)
     COLUMNS, DATA_ROOT_KEY, PROBLEMS_KEY, SCHEMA, SUMMARY_KEY, WORLD_KEY, read_records, world_of_root,
@@ -131,17 +131,18 @@ def ingest_to_parquet(data_root: str | os.PathLike, out: str | os.PathLike, para
             has_test = {(f.kind, f.number) for f in files if f.split == "test"}
             job.note_other_side_tests(files)
             disable = (not sys.stderr.isatty()) if progress is None else not progress
-            with pq.ParquetWriter(stage, SCHEMA, compression="none") as writer:
+            # Each file's rows go to the stage until the splits of all rows are known (bounded memory).
+            with stage_writer(stage) as writer:
                 for i, sf in enumerate(tqdm(files, desc="ingest", unit="file", disable=disable)):
                     own_test = sf.split == "train" and (sf.kind, sf.number) in has_test
                     table = job.file_table(sf, i, own_test)
                     if table is not None:
                         writer.write_table(table)
             job.report_missing_images()
-            splits = job.splits(params.seed, fraction)
-            phashes = job.phashes()
+            is_test = job.test_rows(params.seed, fraction)
+            phashes = job.images.phashes()
             summary = _summary(job, params, world, fraction)
-            _write_final(stage, tmp, splits, phashes, _metadata(root, out, world, job.problems, summary))
+            write_table(stage, tmp, is_test, phashes, _metadata(root, out, world, job.problems, summary))
             publish(tmp, out)
         finally:
             stage.unlink(missing_ok=True)
@@ -174,26 +175,6 @@ def _metadata(root: Path, out: Path, world: str, problems: list[dict], summary: 
     return {**SCHEMA.metadata, DATA_ROOT_KEY: Path(rel_root).as_posix().encode(), WORLD_KEY: world.encode(),
             PROBLEMS_KEY: json.dumps(stored, ensure_ascii=False, default=str).encode(),
             SUMMARY_KEY: json.dumps(doc, sort_keys=True).encode()}
-
-
-def _write_final(stage: Path, tmp: Path, splits: list[str], phashes: dict[str, str], metadata: dict) -> None:
-    """Copy the stage file into `tmp` row group by row group, with the derived splits and the
-    perceptual hashes (by content hash) filled in."""
-    schema = SCHEMA.with_metadata(metadata)
-    col, ph_col = SCHEMA.get_field_index("split"), SCHEMA.get_field_index("image_phash")
-    staged = pq.ParquetFile(stage)
-    offset = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for rg in range(staged.num_row_groups):
-            t = staged.read_row_group(rg)
-            n = t.num_rows
-            t = t.set_column(col, "split", pa.array(splits[offset:offset + n], pa.string()))
-            sha = t.column("image_sha256").to_pylist()
-            t = t.set_column(ph_col, "image_phash", pa.array([phashes.get(h, "") for h in sha], pa.string()))
-            writer.write_table(t.replace_schema_metadata(metadata))
-            offset += n
-        if staged.num_row_groups == 0:
-            writer.write_table(schema.empty_table())
 
 
 def ingest(data_root: str | os.PathLike, params: IngestParams | None = None,

@@ -4,7 +4,8 @@ A release file is a JSON list of flat objects. Whatever a file holds, one bad re
 good ones beside it, and no input may end in a traceback:
 
 - the whole file is parsed by orjson first (fast); when that succeeds and the count of object keys in
-  the raw bytes equals the keys parsed, no key was duplicated and the list is returned as is;
+  the raw bytes (counted with numpy, ~15% of orjson's own time) equals the keys parsed, no key was
+  duplicated and the list is returned as is;
 - otherwise the top-level list is cut into its elements by a byte scanner that knows strings and
   brackets (no recursion, so nesting thousands deep cannot overflow the stack), and each element is
   parsed on its own. An element that cannot be used becomes a `BadRecord` (check, message, record id)
@@ -23,13 +24,13 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medmat.data.release_files import FormatError
 
 # Records are flat objects (one level); anything nested deeper than this is not a record.
 MAX_DEPTH = 32
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
-# Whitespace between a key and its colon would hide keys from the fast count: use the exact path then.
-_SPACED_COLON = (b'" :', b'"\t:', b'"\n:', b'"\r:')
 # Tokens of the scanner: a whole string (an unterminated one runs to the end), or a structural byte.
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)|[\[\]{},]', re.S)
 _ID = re.compile(rb'"id"\s*:\s*(-?\d+|"[^"\\]{0,80}")')
@@ -85,13 +86,30 @@ def load_records(path: str | os.PathLike, display: str | None = None) -> list:
 def _keys_all_parsed(raw: bytes, data: list) -> bool:
     """True when every key in the bytes is a key of a parsed record, i.e. none was given twice.
 
-    Every key is a string followed by ':' ; a string value never is. So the count of '":' in the
-    bytes is the number of keys, unless whitespace sits before a colon (then we cannot tell: False) or
-    a string contains '":' or a record holds nested objects (the count exceeds the top-level keys:
-    False). A duplicate adds a key to the bytes that the parsed dict lacks: never equal."""
-    if any(s in raw for s in _SPACED_COLON) or (data and set(map(type, data)) != {dict}):
+    In valid JSON a key is a string followed by optional whitespace and ':'; a string value never is,
+    and inside a string a quote is escaped (so `\\" :` there only adds to the count). The count of
+    such sequences is therefore at least the number of keys at every level, and equals the count of
+    top-level keys parsed only when no record nests objects and no key was given twice (a duplicate
+    adds a key to the bytes that the parsed dict lacks)."""
+    if data and set(map(type, data)) != {dict}:
         return False
-    return raw.count(b'":') == sum(map(len, data))
+    return _key_count(raw) == sum(map(len, data))
+
+
+def _key_count(raw: bytes) -> int:
+    """Occurrences of '"' followed by optional JSON whitespace and ':' in `raw`. numpy over the quote
+    positions: a few passes over the bytes in C (bytes.count / `in` are 5-10x slower here, because the
+    quote they start from is so frequent)."""
+    a = np.frombuffer(raw, np.uint8)
+    at = np.flatnonzero(a[:-1] == 0x22) + 1        # the byte after each quote (a quote can't end a list)
+    nxt = a[at]
+    n = int(np.count_nonzero(nxt == 0x3A))
+    while at.size:                                  # quotes followed by whitespace: step over it
+        at = at[(nxt == 0x20) | (nxt == 0x0A) | (nxt == 0x0D) | (nxt == 0x09)] + 1
+        at = at[at < a.size]
+        nxt = a[at]
+        n += int(np.count_nonzero(nxt == 0x3A))
+    return n
 
 
 def _one_by_one(raw: bytes, name: str) -> list:
