@@ -91,3 +91,5 @@ def test_key_count_is_exact():
     assert _key_count(b'[{"a": 1, "b" :"x", "c"\n:\t[1, {"d": 2}]}]') == 4
     assert _key_count(b'["a:", "\\" :"]') == 1          # an escaped quote before a colon counts: never fewer
     assert _key_count(b'"') == 0 and _key_count(b"") == 0
+    raw = json.dumps([{"a": 1, "b": 'x \\" : y'}, {"c": [{"d": "e"}]}], separators=(",", " \n: ")).encode()
+    assert {_key_count(raw, step) for step in (1, 2, 3, 5, 8, 1 << 20)} == {5}   # the same across slices
