@@ -6,10 +6,12 @@
 
 The same units (a tiny Med-MAT-mini world built in a temporary folder, the tiny CPU model, one torch
 thread per unit) run twice, each into its own run folders:
-  1. `local`: medmat.unit.run_units(specs, workers=1), one after another in this process;
+  1. `local`: medmat.unit.run_units(specs, workers=1), one after another in this process (the
+     baseline T_local);
   2. `ray`:   medmat.ray_executor.run_units_ray on a local Ray with 2 CPUs, one CPU per unit;
-  3. `pool`:  the local executor with 2 worker processes (forked after the imports), as a reference
-     for what two processes get on this machine at that moment (skip with --no-pool).
+  3. `pool`:  the local executor with 2 worker processes, as the study stage runs it (imports once,
+     then forks), run first while torch is not yet imported (skip with --no-pool). Its time
+     includes that one import; the in-process run's does not (torch is imported by then).
 Ray's wall time is the whole call: starting Ray, its worker processes importing torch and medmat,
 the units, and shutting Ray down. Parallel efficiency = T_local / (2 x T_ray); 1.0 is perfect.
 Predictions are compared unit by unit: the two executors must give the same answers.
@@ -118,19 +120,27 @@ def main(argv=None) -> int:
     if args.smoke:
         args.units, args.steps, args.image_size = 2, 5, 16
 
-    import torch
-
-    torch.set_num_threads(1)  # the in-process executor gets one thread, as each Ray worker does
     from medmat.ray_executor import run_units_ray
     from medmat.unit import run_units
 
-    info = machine()
-    info["two_process_efficiency_before"] = round(machine_ceiling(0.5 if args.smoke else 2.0), 3)
+    info = {}
     root = Path(tempfile.mkdtemp(prefix="medmat-bench-ray-"))
     cwd = os.getcwd()
     try:
         os.chdir(root)
         specs = build_world(root, args.steps, args.units, args.image_size)
+        t_pool = None
+        if not args.no_pool:
+            # First, while torch is not imported yet: the pool then forks after importing the stack
+            # once, as the study stage does (with torch already imported it would have to spawn).
+            t0 = time.perf_counter()
+            run_units(specs("runs_pool"), workers=2)
+            t_pool = time.perf_counter() - t0
+        import torch
+
+        torch.set_num_threads(1)  # the in-process executor gets one thread, as each Ray worker does
+        info.update(machine())
+        info["two_process_efficiency_before"] = round(machine_ceiling(0.5 if args.smoke else 2.0), 3)
         t0 = time.perf_counter()
         local = run_units(specs("runs_local"), workers=1)
         t_local = time.perf_counter() - t0
@@ -138,11 +148,6 @@ def main(argv=None) -> int:
         on_ray = run_units_ray(specs("runs_ray"), num_cpus_per_unit=1,
                                init_kwargs={"num_cpus": 2, "object_store_memory": 80 << 20})
         t_ray = time.perf_counter() - t0
-        t_pool = None
-        if not args.no_pool:  # what two processes get on this machine right now, without Ray
-            t0 = time.perf_counter()
-            run_units(specs("runs_pool"), workers=2)
-            t_pool = time.perf_counter() - t0
         same = all((root / a.run_dir / "predictions.jsonl").read_bytes() == (root / b.run_dir / "predictions.jsonl").read_bytes()
                    for a, b in zip(specs("runs_local"), specs("runs_ray")))
         nodes = sorted({r["ray_node_id"][:8] for r in on_ray})

@@ -72,7 +72,8 @@ def run_units_ray(specs: list[RunSpec], address: str | None = None, num_cpus_per
         kwargs = {"log_to_driver": False, **(init_kwargs or {})}
         if not address:  # a Ray of our own on this machine: loopback only, no dashboard
             kwargs = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", **kwargs}
-        ray.init(address=address or None, **kwargs)
+        # "local": always a new Ray of our own, never whichever other Ray happens to run on this machine
+        ray.init(address=address or "local", **kwargs)
     try:
         task = ray.remote(_unit_task).options(
             num_cpus=num_cpus_per_unit, num_gpus=num_gpus_per_unit, resources=resources or {},
