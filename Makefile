@@ -43,7 +43,9 @@ test-all: setup
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# The link opens the study's runs in MLflow's machine-learning view (the UI's default view is GenAI's).
 ui: setup
+	@$(BIN)/python -c "from medmat import tracking; print('MLflow UI:', tracking.experiment_url())"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
 
 dashboard: setup

@@ -52,17 +52,25 @@ PHASES = ("ingest", "validate", "designs", "study", "control-data", "control", "
 
 
 def print_summary(phases: dict[str, float], t_total: float) -> None:
+    from medmat import tracking
+
     summary_path = Path("work/report_summary.json")
     print("\n" + "=" * 72)
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
-        for line in s.get("headline_lines", []):
-            print(line)
+        print(f"Trained - Baseline+ over {s['main_rows']} Table-3 rows: {s['main_mean_gap_pts']} points "
+              f"{s['main_gap_ci95_pts']}; {s['main_significant']} rows significant, {s['main_improves']} improve "
+              f"(the paper's convention); CG claim supported: {s['main_claim_supported']}")
+        print(f"negative control (entangled world): {s['control_mean_gap_pts']} points {s['control_gap_ci95_pts']}; "
+              f"equivalent to 0 within the band: {s['control_equivalent']}")
+        print(f"degenerate cells: {s['degenerate_cells']}; largest seed sd of a Trained arm: "
+              f"{s['max_trained_seed_sd']} points")
     print("time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     print(f"demo wall time: {t_total / 60:.1f} min (setup not included; see `make demo`'s first lines)")
     print("where to look:")
     print("  reports/report.md          the report (Table 3, Figure 4, limited data, search, control)")
-    print("  make ui                    MLflow UI on http://127.0.0.1:5000 (runs, registered models)")
+    print("  make ui                    MLflow UI on http://127.0.0.1:5000 (runs, registered models);")
+    print(f"                             the study's runs: {tracking.experiment_url()}")
     print("  make dashboard             optuna-dashboard on http://127.0.0.1:8080 (mixture studies)")
     print("  dvc metrics show           every cell: accuracy %, 95% interval over seeds, n")
     print("  dvc plots show             Table 3 gaps and Figure 4 from reports/plots/*.csv")
