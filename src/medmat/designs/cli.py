@@ -20,8 +20,8 @@ import pandas as pd
 from medmat.catalog import Catalog, load_catalog
 from medmat.config import ConfigError, from_dict, load_params
 from medmat.designs import rules
-from medmat.designs.arms import (DesignsConfig, Target, build_target, combinations, resolve_target, select,
-                                 write_json, write_target)
+from medmat.designs.arms import (DesignsConfig, Target, build_target, combinations, load_index, resolve_target,
+                                 select, write_json, write_target)
 
 # Columns the designs read (the rest of the table, question text included, is never loaded).
 COLUMNS = ("record_id", "subset_no", "split", "answer_text", "image_sha256", "image_phash")
@@ -173,4 +173,6 @@ def run(args: argparse.Namespace) -> int:
               f"{entry['dropped']} arms dropped; "
               f"leaking training records dropped: {entry['leakage_dropped']}"
               + (f"; NOT at equal size: {', '.join(entry['unmatched'])}" if entry["unmatched"] else ""))
+        for dropped in load_index(args.out, label)["dropped"]:  # e.g. a subset whose images are absent
+            print(f"  dropped {dropped['id']}: {dropped['reason']}")
     return 0
