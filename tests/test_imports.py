@@ -135,8 +135,6 @@ def test_no_import_cycles_anywhere():
     assert not found, f"modules that import each other (directly or round a loop): {found}"
 
 
-@pytest.mark.xfail(strict=False, reason="modules over 400 lines are being split now (issue 8); "
-                                        "the lead makes this strict at the end")
 def test_no_module_is_over_400_lines():
     long = {name: n for name, path in modules().items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
