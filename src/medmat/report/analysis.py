@@ -115,6 +115,8 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
     degenerate = list(dict.fromkeys(
         f"{r['target']} " + (d if d.startswith("Baseline:") else f"{r['id']} {d}")
         for r in rows + crows for d in r["degenerate"]))
+    degenerate += [f"{name.replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
+                   if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
     if degenerate:
         out.append("Degenerate cells (their accuracy measures the procedure, not the model): "
                    + " | ".join(degenerate) + ".")

@@ -131,6 +131,11 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
 
     all_cells = {f"{r['target']}/{r['id']}/{k}": r[k] for r in rows + crows
                  for k in ("baseline", "baseline_plus", "trained")}
+    # every cell the report marks (Figure 4 and the limited-data curves too), so the caveats, the summary
+    # and the ⚠ marks count the same cells
+    all_cells.update({f"{t}/scaleup/{name}": c for t, cells in scale.items() for name, c in cells})
+    all_cells.update({f"{t}/limited/{comp}_k{k}": c for t, comps in curves.items()
+                      for comp, pts in comps.items() for k, c in pts})
     caveats = analysis.caveats(rows, crows, all_cells, h, hc, cfg.control_band)
 
     L: list[str] = [f"# {cfg.title}", "",
