@@ -111,6 +111,8 @@ def test_control_data_disabled_writes_a_note(tmp_path):
     p = write_params(tmp_path / "params.yaml", experiment={"control": False})
     assert control_data(str(tmp_path / "control"), str(p)) == 0
     assert (tmp_path / "control" / "DISABLED.json").exists()
+    # the control stage's declared inputs exist (empty), so `dvc repro` runs it and it writes a note
+    assert (tmp_path / "control" / "records.parquet").is_file() and (tmp_path / "control" / "designs").is_dir()
 
 
 def test_use_gpu_config_replaces_sections_and_keeps_the_rest(tmp_path):

@@ -30,7 +30,14 @@ def control_data(out: str = "work/control", params: str = "params.yaml") -> int:
         shutil.rmtree(root)  # synth refuses a non-empty folder; this stage owns `out` entirely
     root.mkdir(parents=True)
     if not experiment.control:
+        # The control stage's inputs exist but are empty: it runs no unit and writes a note as metrics.
+        import pyarrow.parquet as pq
+
+        from medmat.data.records import SCHEMA
+
         atomic_write_json(root / "DISABLED.json", {"reason": "experiment.control is false"})
+        atomic_write_json(root / "designs" / "designs.json", {"targets": {}, "note": "experiment.control is false"})
+        pq.write_table(SCHEMA.empty_table(), root / "records.parquet")
         return 0
     import dataclasses
 
