@@ -141,6 +141,7 @@ def run_study(*, targets: list | None = None, world: str = "main", params: str =
     runs_root, metrics_root = runs_root or d_runs, metrics_root or d_metrics
     labels = [norm_target(t) for t in (targets if targets is not None else study.experiment.targets)]
     if world == "control" and not study.experiment.control:
+        atomic_write_json(Path(runs_root) / "DISABLED.json", {"reason": "experiment.control is false"})  # a DVC out
         return _write_cells({}, metrics_root, note="experiment.control is false")
     specs = [spec for t in labels
              for spec in plan_units(study, target=t, records=records, designs_dir=designs_dir, runs_root=runs_root,
