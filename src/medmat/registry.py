@@ -383,7 +383,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s v%s <- %s (mean dev %.4f over %d seeds)%s%s", o.name, o.version, o.run_dir, o.mean_dev_accuracy,
                  o.seeds, "" if o.created else " (already registered)", f" [{cfg.alias}]" if o.moved else "")
     if args.out:
-        atomic_write_json(args.out, [dataclasses.asdict(o) for o in outcomes], indent=1)
+        # a DVC output: the MLflow run id (random per run) stays in MLflow, the rest is reproducible
+        atomic_write_json(args.out, [{k: v for k, v in dataclasses.asdict(o).items() if k != "run_id"}
+                                     for o in outcomes], indent=1)
     if not outcomes:
         log.warning("%s: no candidate arms (metrics.json with candidate: true and a dev accuracy)%s",
                     ", ".join(map(str, args.runs)),

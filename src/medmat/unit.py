@@ -100,7 +100,7 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
         "data_version": spec.data_version, "candidate": spec.candidate,
         "trained_on_target": spec.trained_on_target,
         "dev_accuracy": dev.accuracy if dev else None, "dev_n": dev.n if dev else 0,
-        "manifest": spec.manifest, "wall_s": round(time.time() - t0, 2),
+        "manifest": spec.manifest,  # no timings here: this file is a DVC output (same data, same bytes)
     }
     write_outputs(test, run_dir, extra, plots=False)
     metrics = test.mlflow_metrics(p.evaluate.metric_prefix)
