@@ -239,8 +239,9 @@ def test_config_errors_name_the_key():
     assert "language_model" in DEFAULT_TARGET_MODULES
 
 
-def test_gpu_benchmark_script_smoke_and_no_cuda_exit(tmp_path, monkeypatch, capsys):
-    """bench/gpu_lora_qwen2vl.py runs at tiny shape on the CPU and refuses the real shape without CUDA."""
+def test_gpu_benchmark_script_refuses_the_real_shape_without_cuda(monkeypatch, capsys):
+    """bench/gpu_lora_qwen2vl.py refuses the real shape without CUDA (its CPU --smoke run is tested in
+    tests/test_precision.py)."""
     import importlib.util
     from pathlib import Path
 
@@ -248,10 +249,6 @@ def test_gpu_benchmark_script_smoke_and_no_cuda_exit(tmp_path, monkeypatch, caps
         "gpu_bench", Path(__file__).resolve().parents[1] / "bench" / "gpu_lora_qwen2vl.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "smoke.json"
-    assert bench.main(["--smoke", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["results"][0]["samples_per_s"] > 0 and report["params"]["lora_trainable"] > 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err

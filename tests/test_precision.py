@@ -121,6 +121,7 @@ def test_gpu_benchmark_smoke_times_the_bare_loop_and_ours_side_by_side(tmp_path)
     out = tmp_path / "smoke.json"
     assert bench.main(["--smoke", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["params"]["lora_trainable"] > 0
     loops = {r["loop"]: r for r in report["results"]}
     assert set(loops) == {"bare", "medmat"}
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and np.isfinite(r["final_loss"])

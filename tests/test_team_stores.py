@@ -45,6 +45,19 @@ def _sql(url: str, query: str, *args) -> list[tuple]:
         return conn.execute(query, args).fetchall()
 
 
+
+def kill_when_in_trial(worker: subprocess.Popen, marker: Path) -> int:
+    """Wait until `worker` has written `marker` (it is inside a trial), then SIGKILL its whole group, as a
+    dead host would die: no chance to mark its trial FAIL. Returns the trial number it was running."""
+    deadline = time.time() + 60
+    while not marker.exists():
+        assert worker.poll() is None and time.time() < deadline, "worker never started a trial"
+        time.sleep(0.1)
+    killed_number = int(marker.read_text())
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    return killed_number
+
 def test_servers_listen_on_loopback_only(stack):
     for url in (stack.postgres_url, stack.s3_endpoint, stack.tracking_uri):
         assert "@127.0.0.1:" in url or "//127.0.0.1:" in url
@@ -136,13 +149,7 @@ def test_optuna_on_postgres_retries_the_trial_of_a_killed_worker_once(stack, tmp
     doomed = subprocess.Popen([sys.executable, str(script), stack.optuna_url, name, str(n), str(marker), str(GRACE)], env=env,
                               start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while not marker.exists():
-            assert doomed.poll() is None and time.time() < deadline, "worker never started a trial"
-            time.sleep(0.1)
-        killed_number = int(marker.read_text())
-        os.killpg(doomed.pid, signal.SIGKILL)  # a dead host: no chance to mark its trial FAIL
-        doomed.wait()
+        killed_number = kill_when_in_trial(doomed, marker)
         time.sleep(GRACE + 1)  # its last heartbeat is now stale: the next trial start fails it
         survivor = subprocess.run([sys.executable, str(script), stack.optuna_url, name, str(n), "-", str(GRACE)], env=env,
                                   capture_output=True, text=True, timeout=120)
@@ -252,13 +259,7 @@ def test_the_search_on_postgres_retries_a_dead_remote_workers_trial_once(stack, 
     doomed = subprocess.Popen([sys.executable, str(script), stack.optuna_url, name, str(n), str(marker), str(GRACE)],
                               start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while not marker.exists():
-            assert doomed.poll() is None and time.time() < deadline, "worker never started a trial"
-            time.sleep(0.1)
-        killed_number = int(marker.read_text())
-        os.killpg(doomed.pid, signal.SIGKILL)
-        doomed.wait()
+        killed_number = kill_when_in_trial(doomed, marker)
         time.sleep(GRACE + 1)
         survivor = subprocess.run([sys.executable, str(script), stack.optuna_url, name, str(n), "-", str(GRACE)],
                                   capture_output=True, text=True, timeout=120)
