@@ -194,3 +194,108 @@ def test_bench_ray_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["same_predictions"] and report["local_1_worker_s"] > 0 and report["ray_2_workers_s"] > 0
+
+
+def test_a_unit_with_train_processes_2_trains_under_accelerate_launch(world, monkeypatch):
+    """train.processes: 2 makes the unit start `accelerate launch` with two processes (gloo on this
+    CPU-only machine); the unit then evaluates the saved model and logs to the launched MLflow run."""
+    import dataclasses
+
+    import mlflow
+
+    from medmat.unit import run_unit
+
+    root, specs = world
+    monkeypatch.chdir(root)
+    one = specs("runs_one_process")[len(SEEDS)]  # Related, seed 0
+    p = one.params
+    two = dataclasses.replace(specs("runs_two_processes")[len(SEEDS)],
+                              params=dataclasses.replace(p, train=dataclasses.replace(p.train, processes=2)))
+    out = run_unit(two)
+    train = json.loads((root / two.run_dir / "train_metrics.json").read_text())
+    assert train["num_processes"] == 2 and train["steps"] == p.train.max_steps
+    assert not list((root / two.run_dir).glob(".launch-*"))  # the spec handed to the launch is gone
+    assert 0 <= out["accuracy"] <= 1 and out["n"] > 0
+    run_id = (root / two.run_dir / "mlflow_run_id").read_text().strip()
+    run = mlflow.MlflowClient(p.tracking.tracking_uri).get_run(run_id)
+    assert "train_wall_s" in run.data.metrics  # logged by the launched main process
+    assert run.data.metrics["test_accuracy"] == out["accuracy"]  # logged by the unit after the launch
+    # the same global batch, split over two processes, follows the one-process run's loss
+    run_unit(one)
+    ref = json.loads((root / one.run_dir / "train_metrics.json").read_text())
+    assert ref["num_processes"] == 1
+    assert abs(train["final_train_loss"] - ref["final_train_loss"]) <= 0.05 * ref["final_train_loss"]
+    assert two.fingerprint() != one.fingerprint()  # a different setting is a different unit
+
+
+def _search_worker(storage: str, name: str, n_trials: int, markers: str) -> int:
+    """One worker of a search on a cheap analytic objective (storage and recovery do not depend on what
+    the objective computes); it marks each trial it enters with its pid."""
+    import time
+
+    from medmat import search
+
+    space = search.MixtureSpace(limits={"01": 400, "02": 400, "03": 400}, budget=800, step=50)
+    study = search.open_study(name, storage, "tpe", seed=os.getpid(), pruner_startup_trials=100)
+
+    def evaluate(mixture, trial):
+        (Path(markers) / f"{os.getpid()}-{trial.number}").touch()
+        time.sleep(0.3)
+        return 1.0 - abs(mixture.get("01", 0) - 400) / 800
+
+    return search.run_worker(study, space, evaluate, n_trials, search.lock_path(storage, name), progress=False)
+
+
+def test_search_workers_as_ray_tasks_lose_no_trial_when_one_is_killed(two_node_cluster, tmp_path):
+    """Two search workers as Ray tasks (one per node) on one study; the worker process of one is killed
+    with -9 inside a trial. Ray retries its task; the retried worker fails the dead one's trial and
+    re-enqueues it once: the study ends with exactly n finished trials, none lost or run twice."""
+    import threading
+    import time
+
+    import optuna
+    import psutil
+    from optuna.trial import TrialState
+    from ray import cloudpickle
+
+    from medmat import search
+    from medmat.experiment import ExperimentConfig
+    from medmat.ray_cluster import ray_tasks
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))  # this test module is not importable on a node
+    storage, name, n = f"sqlite:///{tmp_path}/optuna.db", "ray-workers", 8
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    killed: list[tuple[int, int]] = []
+
+    def kill_first_worker_inside_a_trial():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for marker in markers.iterdir():
+                pid, number = map(int, marker.name.split("-"))
+                if psutil.pid_exists(pid) and "medmat-search-worker" in " ".join(psutil.Process(pid).cmdline()):
+                    os.kill(pid, 9)
+                    killed.append((pid, number))
+                    return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_first_worker_inside_a_trial)
+    watcher.start()
+    try:
+        with ray_tasks(_search_worker, [(storage, name, n, str(markers))] * 2, ExperimentConfig(executor="ray"),
+                       name="medmat-search-worker") as wait:
+            ran = wait()
+    finally:
+        watcher.join()
+    assert killed, "no worker was killed inside a trial"
+    assert len(ran) == 2  # both tasks ended well: the killed one's through Ray's retry
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert sum(s in search.FINISHED for s in states) == n, states  # none lost, no overshoot
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    killed_number = killed[0][1]
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed_number]
+    retries = [t for t in trials if t.user_attrs.get(search.RETRY_OF) == killed_number]
+    assert len(retries) == 1 and retries[0].state in search.FINISHED  # run again exactly once
+    assert dict(retries[0].params) == dict(trials[killed_number].params)

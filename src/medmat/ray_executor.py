@@ -14,9 +14,8 @@ free); the unit itself is unchanged, so results equal the in-process executor's 
   it without training.
 - Resumable: a task killed mid-training (node lost, preempted) leaves its checkpoints in the run
   folder; Ray retries it (`max_retries`) and run_unit resumes from the last checkpoint.
-- Paths: run specs hold paths relative to the driver's working directory. A task changes into that
-  directory first, so every node must see it at the same path (a shared file system: NFS on SLURM,
-  a ReadWriteMany volume on Kubernetes).
+- Paths: relative to the driver's working directory, which every node must see at the same path
+  (medmat.ray_cluster).
 """
 
 from __future__ import annotations
@@ -24,21 +23,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medmat.runspec import RunSpec
+from medmat.ray_cluster import in_workdir, ray_session
+
+if TYPE_CHECKING:
+    from medmat.runspec import RunSpec
 
 log = logging.getLogger("medmat.ray_executor")
 
 
-def _unit_task(spec: RunSpec, workdir: str, threads: int) -> dict[str, Any]:
-    """Body of one Ray task (runs in a Ray worker process, possibly on another machine)."""
+def _unit_task(spec: RunSpec) -> dict[str, Any]:
     import ray
-    import torch
 
-    os.chdir(workdir)
-    # One intra-op thread per CPU the task was given: two tasks on two cores must not oversubscribe.
-    torch.set_num_threads(max(1, threads))
     from medmat.unit import run_unit
 
     out = dict(run_unit(spec))
@@ -67,21 +64,14 @@ def run_units_ray(specs: list[RunSpec], address: str | None = None, num_cpus_per
     log.info("%d units to run on Ray (%d already finished)", len(todo), len(specs) - len(todo))
     if not todo:
         return results  # type: ignore[return-value]
-    started_here = not ray.is_initialized()
-    if started_here:
-        kwargs = {"log_to_driver": False, **(init_kwargs or {})}
-        if not address:  # a Ray of our own on this machine: loopback only, no dashboard
-            kwargs = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", **kwargs}
-        # "local": always a new Ray of our own, never whichever other Ray happens to run on this machine
-        ray.init(address=address or "local", **kwargs)
-    try:
-        task = ray.remote(_unit_task).options(
+    with ray_session(address, init_kwargs):
+        task = ray.remote(in_workdir).options(
             num_cpus=num_cpus_per_unit, num_gpus=num_gpus_per_unit, resources=resources or {},
             max_retries=max_retries, name="medmat-unit")
         workdir = os.getcwd()
         threads = max(1, int(num_cpus_per_unit))
         t0 = time.time()
-        refs = {task.remote(specs[i], workdir, threads): i for i in todo}
+        refs = {task.remote(_unit_task, workdir, threads, specs[i]): i for i in todo}
         pending = list(refs)
         while pending:  # collect as they finish, so the log shows progress on long studies
             done, pending = ray.wait(pending, num_returns=1)
@@ -90,9 +80,6 @@ def run_units_ray(specs: list[RunSpec], address: str | None = None, num_cpus_per
             log.info("%s seed %d done on node %s (%d/%d, %.0f s)", specs[i].cell, specs[i].seed,
                      str(results[i].get("ray_node_id", "?"))[:8], len(todo) - len(pending), len(todo),
                      time.time() - t0)
-    finally:
-        if started_here:
-            ray.shutdown()
     return results  # type: ignore[return-value]
 
 

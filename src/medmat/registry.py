@@ -383,8 +383,11 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s v%s <- %s (mean dev %.4f over %d seeds)%s%s", o.name, o.version, o.run_dir, o.mean_dev_accuracy,
                  o.seeds, "" if o.created else " (already registered)", f" [{cfg.alias}]" if o.moved else "")
     if args.out:
-        # a DVC output: the MLflow run id (random per run) stays in MLflow, the rest is reproducible
-        atomic_write_json(args.out, [{k: v for k, v in dataclasses.asdict(o).items() if k != "run_id"}
+        # a DVC output: the state of the registry, reproducible. The MLflow run id (random per run)
+        # stays in MLflow; what this call did (created, moved) is in the log, since a rerun that
+        # finds everything registered must write the same file as the run that registered it.
+        volatile = ("run_id", "created", "moved")
+        atomic_write_json(args.out, [{k: v for k, v in dataclasses.asdict(o).items() if k not in volatile}
                                      for o in outcomes], indent=1)
     if not outcomes:
         log.warning("%s: no candidate arms (metrics.json with candidate: true and a dev accuracy)%s",

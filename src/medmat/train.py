@@ -4,9 +4,8 @@
         [--params params.yaml] [--dev-manifest FILE] [--target 03 --arm related-fixed_area --seed 0] \
         [--max-steps 400 --lr 3e-3 ...]
     accelerate launch --multi_gpu --num_processes 2 -m medmat.cli train ...   # several processes
-    (on a CPU-only machine `--multi_gpu` still starts the processes through torchrun and they talk over
-    gloo; `--cpu` alone would start a single process. `torchrun --nproc_per_node 2 -m medmat.cli train`
-    is the same thing.)
+    (a study's unit launches itself so with `train.processes: N`. Without CUDA, `--multi_gpu` still
+    starts the processes through torchrun, over gloo; `--cpu` alone would start a single process.)
 
 Determinism and resumption: the order of the training data is a pure function of (seed, epoch,
 micro-batch), so a run restarted from a checkpoint (model, optimiser, scheduler and RNG states, saved
@@ -44,7 +43,6 @@ from medmat.schedule import TrainOrder, lr_lambda
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass
 class TrainConfig:
     """params.yaml `train:` section."""
@@ -68,9 +66,14 @@ class TrainConfig:
     # stages), and with 2 threads on a busy 2-core box OpenMP spinning made a step ~10x slower.
     # 0: the machine's cores / local processes.
     num_threads: int = 1
+    # Processes a unit's training uses (medmat.unit.launch_training): 1 = the unit's own; N = `accelerate
+    # launch` of N; 0 = one per GPU the unit was given (e.g. a Ray task's num_gpus), 1 without GPUs.
+    processes: int = 1
     progress: bool = True  # tqdm bar (only on a terminal, only on the main process)
 
     def __post_init__(self):
+        if self.processes < 0:
+            raise ValueError(f"processes must be >= 0 (0 = one per visible GPU), got {self.processes}")
         for name in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")

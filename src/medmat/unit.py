@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -63,7 +64,7 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
     from medmat.scoring import evaluate_backend, write_outputs
     from medmat.mixture import load_manifest, select_manifest
     from medmat.models import build_untrained
-    from medmat.train import train_model
+    from medmat.models import load as load_backend
 
     t0 = time.time()
     table, data_root = records_table(spec.records)
@@ -82,13 +83,11 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
                                   parent_run_id=None if run_id else spec.parent_run_id) as run:
             run_id = run.info.run_id
         tracking.write_run_id(run_dir, run_id)
+    elif training_processes(p.train) > 1:  # accelerate launch: N processes train, this one evaluates
+        launch_training(spec, training_processes(p.train))
+        backend, run_id = load_backend(run_dir / "model", data_root=data_root), tracking.read_run_id(run_dir)
     else:
-        manifest = load_manifest(spec.manifest)
-        train_df = select_manifest(table, manifest, where=spec.manifest)
-        result = train_model(dataclasses.replace(p.train, seed=spec.seed), p.model, train_df, out_dir=run_dir,
-                             tracking=track, run_name=spec.run_name(), tags=spec.tags(),
-                             parent_run_id=spec.parent_run_id, data_root=data_root, manifest=manifest,
-                             log_model=spec.candidate)
+        result = train_unit(spec)
         backend, run_id = result.backend, result.run_id
     test = evaluate_backend(backend, test_df, scorer=p.evaluate.scorer, batch_size=p.evaluate.batch_size,
                             progress=False, seed=spec.seed)
@@ -113,6 +112,61 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
     log.info("%s seed %d: test %.3f dev %s (%.1f s)", spec.cell, spec.seed, out["accuracy"],
              "-" if dev is None else f"{dev.accuracy:.3f}", time.time() - t0)
     return out
+
+
+def train_unit(spec: RunSpec):
+    """Train the unit's model on its mixture into its run folder (every process of a launch runs this)."""
+    from medmat.mixture import load_manifest, select_manifest
+    from medmat.train import train_model
+
+    table, data_root = records_table(spec.records)
+    manifest = load_manifest(spec.manifest)
+    train_df = select_manifest(table, manifest, where=spec.manifest)
+    p = spec.params
+    return train_model(dataclasses.replace(p.train, seed=spec.seed), p.model, train_df, out_dir=Path(spec.run_dir),
+                       tracking=p.tracking, run_name=spec.run_name(), tags=spec.tags(),
+                       parent_run_id=spec.parent_run_id, data_root=data_root, manifest=manifest,
+                       log_model=spec.candidate)
+
+
+def training_processes(train_cfg) -> int:
+    """train.processes, with 0 = one per GPU this process may use (a Ray task sees only its own)."""
+    if train_cfg.processes:
+        return train_cfg.processes
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def launch_training(spec: RunSpec, processes: int) -> None:
+    """Train the unit under `accelerate launch` with `processes` processes; they write model/,
+    train_metrics.json and the MLflow run into the run folder, as an in-process run does (and resume
+    from its checkpoints the same way). The spec travels as a pickle beside the checkpoints."""
+    import pickle
+    import socket
+    import subprocess
+    import tempfile
+
+    run_dir = Path(spec.run_dir)
+    with socket.socket() as sock:  # a free rendezvous port: two launched units may share a machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fd, spec_file = tempfile.mkstemp(prefix=".launch-", suffix=".pkl", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(spec, fh)
+        # --multi_gpu: one GPU a process; on a machine without CUDA torchrun starts them over gloo.
+        # Precision is the model's to decide (medmat.train), not the launcher's.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "medmat.unit", spec_file]
+        log.info("%s seed %d: training with %d processes (accelerate launch)", spec.cell, spec.seed, processes)
+        done = subprocess.run(cmd)
+        if done.returncode != 0:
+            raise RuntimeError(f"{spec.cell} seed {spec.seed}: `accelerate launch` of its training exited with "
+                               f"{done.returncode} (its processes' output is above)")
+    finally:
+        os.unlink(spec_file)
 
 
 def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
@@ -161,3 +215,19 @@ def run_units(specs: list[RunSpec], workers: int) -> list[dict[str, Any]]:
             results[i] = out
     return results  # type: ignore[return-value]
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m medmat.unit SPEC.pkl`: one process of a launched training (see launch_training)."""
+    import pickle
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (spec_file,) = sys.argv[1:] if argv is None else argv
+    with open(spec_file, "rb") as fh:
+        spec = pickle.load(fh)
+    train_unit(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

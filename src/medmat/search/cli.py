@@ -9,17 +9,20 @@ uses `<name>-<6 hex of the fingerprint>` instead of mixing incomparable values. 
 `--study-name` whose study has another fingerprint is refused.
 
 Worker 0 (this process) recovers killed trials, enqueues the warm start, starts `workers - 1` more
-processes on the same study, runs trials itself, and writes `best_mixture.json` and `history.csv`.
+workers on the same study (processes here, or Ray tasks with `experiment.executor: ray`), runs trials
+itself, and writes `best_mixture.json` and `history.csv`.
 Every trial is an MLflow run nested under the study's parent run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from medmat.search.objective import (SearchConfig, TargetProblem, build_problem, objective_fingerprint, resolve,
@@ -115,22 +118,26 @@ def _parent_run(track_cfg, name: str, problem: TargetProblem, cfg: SearchConfig)
     return run_id
 
 
-def _worker_command(args: argparse.Namespace, cfg: SearchConfig, name: str, parent: str, k: int) -> list[str]:
-    return [sys.executable, "-m", "medmat.cli", "search", "--target", args.target, "--records", str(args.records),
-            "--designs", str(args.designs), "--out", str(args.out), "--params", str(args.params),
-            "--trials", str(cfg.n_trials), "--storage", cfg.storage, "--study-name", name, "--sampler", cfg.sampler,
-            "--seed", str(cfg.seed), "--workers", "1", "--parent-run-id", parent, "--worker-index", str(k)] \
-        + (["--dev", str(args.dev)] if args.dev else [])
+def _worker_command(w: argparse.Namespace) -> list[str]:
+    """The command line of a worker process with arguments `w` (see _worker_args)."""
+    return [sys.executable, "-m", "medmat.cli", "search", "--target", w.target, "--records", str(w.records),
+            "--designs", str(w.designs), "--out", str(w.out), "--params", str(w.params),
+            "--trials", str(w.trials), "--storage", w.storage, "--study-name", w.study_name, "--sampler", w.sampler,
+            "--seed", str(w.seed), "--workers", "1", "--parent-run-id", w.parent_run_id,
+            "--worker-index", str(w.worker_index)] + (["--dev", str(w.dev)] if w.dev else []) \
+        + (["--no-warm-start"] if w.no_warm_start else [])
 
 
 def run(args: argparse.Namespace) -> int:
     from medmat import tracking
     from medmat.config import ConfigError, from_dict, load_params
+    from medmat.experiment import ExperimentConfig
 
     try:
         cfg = config_from_args(args)
         problem = build_problem(args.records, args.designs, args.target, cfg, dev_path=args.dev)
         params = load_params(args.params) if args.params.exists() else {}
+        experiment = from_dict(ExperimentConfig, params.get("experiment"), where=f"{args.params}: section 'experiment'")
         track_cfg = from_dict(tracking.TrackingConfig, params.get("tracking"), where=f"{args.params}: tracking")
         fp = objective_fingerprint(problem, cfg, params)
         name = args.study_name or choose_study_name(cfg.storage, default_study_name(cfg.study_prefix, problem), fp)
@@ -150,7 +157,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     lock = lock_path(cfg.storage, name)
     parent = args.parent_run_id
-    procs: list[subprocess.Popen] = []
     if worker == 0:
         with study_lock(lock):
             recover_stale(study)
@@ -162,17 +168,45 @@ def run(args: argparse.Namespace) -> int:
                             ("budget", problem.space.budget)):
             study.set_user_attr(attr, value)
         parent = _parent_run(track_cfg, name, problem, cfg)
-        procs = [subprocess.Popen(_worker_command(args, cfg, name, parent, k)) for k in range(1, cfg.workers)]
     evaluate = train_objective(problem, cfg, args.params, parent, mixture_seed=cfg.seed)
-    rc = 0
-    try:
-        run_worker(study, problem.space, evaluate, cfg.n_trials, lock)
-    finally:
-        for p in procs:
-            rc = max(rc, p.wait())
+    more = range(1, cfg.workers) if worker == 0 else range(0)
+    with _other_workers(args, cfg, name, parent, more, experiment) as wait:
+        try:
+            run_worker(study, problem.space, evaluate, cfg.n_trials, lock)
+        finally:
+            rc = wait()
     if worker != 0:
         return rc
     return max(rc, _finish(study, args, cfg, problem, name, parent))
+
+
+@contextlib.contextmanager
+def _other_workers(args: argparse.Namespace, cfg: SearchConfig, name: str, parent: str, indices: range,
+                   experiment) -> Iterator[Callable[[], int]]:
+    """Workers `indices` on the same study, beside this one: processes on this machine, or Ray tasks
+    when `experiment.executor` is ray (on a cluster, give the study a database storage every node
+    reaches). Yields wait(): their highest exit code once all have ended."""
+    if not indices:
+        yield lambda: 0
+    elif experiment.executor == "ray":
+        # A Ray task whose worker process dies is retried: the new worker finds the dead one's trial
+        # stale (its owner is gone on this host; on a database server its heartbeat stops), fails it
+        # and re-enqueues its mixture once, so no trial is lost or run twice.
+        from medmat.ray_cluster import ray_tasks
+
+        calls = [(_worker_args(args, cfg, name, parent, k),) for k in indices]
+        with ray_tasks(run, calls, experiment, name="medmat-search-worker") as wait:
+            yield lambda: max(wait())
+    else:
+        procs = [subprocess.Popen(_worker_command(_worker_args(args, cfg, name, parent, k))) for k in indices]
+        yield lambda: max(p.wait() for p in procs)
+
+
+def _worker_args(args: argparse.Namespace, cfg: SearchConfig, name: str, parent: str, k: int) -> argparse.Namespace:
+    """Worker k's arguments: this search's, with every setting fixed as worker 0 resolved it."""
+    return argparse.Namespace(**{**vars(args), "trials": cfg.n_trials, "storage": cfg.storage, "study_name": name,
+                                 "sampler": cfg.sampler, "seed": cfg.seed, "workers": 1, "parent_run_id": parent,
+                                 "worker_index": k})
 
 
 def _finish(study, args: argparse.Namespace, cfg: SearchConfig, problem: TargetProblem, name: str, parent: str) -> int:
