@@ -46,20 +46,29 @@ def ray_session(address: str | None, init_kwargs: dict[str, Any] | None = None) 
             ray.shutdown()
 
 
+def submit(fn: Callable[..., Any], calls: list[tuple], name: str, num_cpus: float = 1, num_gpus: float = 0,
+           resources: dict[str, float] | None = None, max_retries: int = 1) -> list[Any]:
+    """Inside a ray_session: start `fn(*call)` for each call as a Ray task asking for these
+    resources (and one torch thread per CPU); returns their object refs in call order. A task whose
+    worker process dies is retried up to `max_retries` times."""
+    import ray
+
+    task = ray.remote(in_workdir).options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or {},
+                                          max_retries=max_retries, name=name)
+    threads = max(1, int(num_cpus))
+    return [task.remote(fn, os.getcwd(), threads, *call) for call in calls]
+
+
 @contextlib.contextmanager
 def ray_tasks(fn: Callable[..., Any], calls: list[tuple], experiment: Any, name: str,
               max_retries: int = 1) -> Iterator[Callable[[], list[Any]]]:
-    """Start `fn(*call)` for each call as a Ray task, each asking for a unit's resources
-    (`experiment.ray_cpus_per_unit`, `ray_gpus_per_unit`) on `experiment.ray_address` (a local Ray
-    gets exactly what these tasks ask for); yield wait(), which returns their results in call order.
-    A task whose worker process dies is retried up to `max_retries` times."""
+    """`submit` with a unit's resources (`experiment.ray_cpus_per_unit`, `ray_gpus_per_unit`) on
+    `experiment.ray_address` (a local Ray gets exactly what these tasks ask for); yields wait(), which
+    returns their results in call order."""
     import ray
 
     local = {} if experiment.ray_address else {"num_cpus": len(calls) * experiment.ray_cpus_per_unit}
     with ray_session(experiment.ray_address or None, local):
-        task = ray.remote(in_workdir).options(
-            num_cpus=experiment.ray_cpus_per_unit, num_gpus=experiment.ray_gpus_per_unit,
-            max_retries=max_retries, name=name)
-        threads = max(1, int(experiment.ray_cpus_per_unit))
-        refs = [task.remote(fn, os.getcwd(), threads, *call) for call in calls]
+        refs = submit(fn, calls, name, experiment.ray_cpus_per_unit, experiment.ray_gpus_per_unit,
+                      max_retries=max_retries)
         yield lambda: ray.get(refs)

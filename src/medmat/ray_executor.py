@@ -25,7 +25,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from medmat.ray_cluster import in_workdir, ray_session
+from medmat.ray_cluster import ray_session, submit
 
 if TYPE_CHECKING:
     from medmat.runspec import RunSpec
@@ -65,13 +65,9 @@ def run_units_ray(specs: list[RunSpec], address: str | None = None, num_cpus_per
     if not todo:
         return results  # type: ignore[return-value]
     with ray_session(address, init_kwargs):
-        task = ray.remote(in_workdir).options(
-            num_cpus=num_cpus_per_unit, num_gpus=num_gpus_per_unit, resources=resources or {},
-            max_retries=max_retries, name="medmat-unit")
-        workdir = os.getcwd()
-        threads = max(1, int(num_cpus_per_unit))
         t0 = time.time()
-        refs = {task.remote(_unit_task, workdir, threads, specs[i]): i for i in todo}
+        refs = dict(zip(submit(_unit_task, [(specs[i],) for i in todo], "medmat-unit", num_cpus_per_unit,
+                               num_gpus_per_unit, resources, max_retries), todo))
         pending = list(refs)
         while pending:  # collect as they finish, so the log shows progress on long studies
             done, pending = ray.wait(pending, num_returns=1)

@@ -83,8 +83,8 @@ def run_unit(spec: RunSpec) -> dict[str, Any]:
                                   parent_run_id=None if run_id else spec.parent_run_id) as run:
             run_id = run.info.run_id
         tracking.write_run_id(run_dir, run_id)
-    elif training_processes(p.train) > 1:  # accelerate launch: N processes train, this one evaluates
-        launch_training(spec, training_processes(p.train))
+    elif (processes := training_processes(p.train)) > 1:  # accelerate launch: N train, this one evaluates
+        launch_training(spec, processes)
         backend, run_id = load_backend(run_dir / "model", data_root=data_root), tracking.read_run_id(run_dir)
     else:
         result = train_unit(spec)
@@ -214,7 +214,6 @@ def run_units(specs: list[RunSpec], workers: int) -> list[dict[str, Any]]:
         for i, out in zip(todo, pool.map(_run_in_worker, [specs[i] for i in todo])):
             results[i] = out
     return results  # type: ignore[return-value]
-
 
 
 def main(argv: list[str] | None = None) -> int:
