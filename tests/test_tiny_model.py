@@ -155,3 +155,32 @@ def test_bad_records_are_named(world, tmp_path):
         b.collate([dict(row, image_path=str(tmp_path / "missing.png"))])
     with pytest.raises(Exception, match="unknown key"):
         build(ModelConfig(tiny={"widht": 3}))
+
+
+def test_every_training_seed_starts_from_the_same_base_weights():
+    """init_seed fixes the base model (as the paper's runs share one checkpoint): two training seeds
+    build identical weights, a word's base vector does not depend on the rest of the vocabulary, and
+    init_seed None hands the init back to the training seed."""
+    import torch
+
+    from medmat.models.tiny import TinyConfig, TinyVLM
+
+    cfg = TinyConfig(init_seed=0)
+    torch.manual_seed(1)
+    a = TinyVLM(cfg, ["<pad>", "<unk>", "covid", "normal"])
+    after_a = torch.rand(1)
+    torch.manual_seed(1)
+    b = TinyVLM(cfg, ["<pad>", "<unk>", "benign", "covid", "normal"])
+    assert torch.equal(torch.rand(1), after_a)  # the training seed's stream is untouched by the init
+    torch.manual_seed(2)
+    c = TinyVLM(cfg, ["<pad>", "<unk>", "covid", "normal"])
+    for (name, pa), pc in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(pa, pc), name
+    assert torch.equal(a.words.weight[2], b.words.weight[3])  # "covid" in both vocabularies
+    assert torch.equal(a.words.weight[4:], b.words.weight[5:])  # n-gram buckets
+    free = TinyConfig(init_seed=None)
+    torch.manual_seed(1)
+    d = TinyVLM(free, ["<pad>", "<unk>", "covid", "normal"])
+    torch.manual_seed(2)
+    e = TinyVLM(free, ["<pad>", "<unk>", "covid", "normal"])
+    assert not torch.equal(d.cnn[0].weight, e.cnn[0].weight)

@@ -25,6 +25,13 @@ Why these pieces:
   at most 3 points between seeds at either scale; arms whose target labels are partly unseen still vary
   by 5-20 points (CT-Lung-COVID from subsets 30 + 05: sd 19 at N(0, 1), 12 at N(0, 0.02)) - what such
   an arm answers for an unseen label is not determined by the data.
+- Every training seed starts from the same base weights (`init_seed`), as the paper's three runs all
+  fine-tune one LLaVA-1.5 checkpoint: the seed varies data order and augmentation, not the model.
+  With the init drawn by the training seed, an arm whose target labels are partly unseen answered
+  them by its random init: measured on the default world (3 seeds), 28 from 04 + 32 had sd 10.6 at 150
+  steps, 1.0 with a shared init; 03 from 06 + 28 (labels all seen) needed longer training instead:
+  sd 9.3 at 150 steps, 1.0 at 300 (with the shared init). Each word's base vector is a function of the
+  word, not of its place in the vocabulary, so two arms' "covid" start alike.
 - `norm: group` (GroupNorm feature maps) is kept as an option: instance norm before the global pool
   leaves each channel at zero mean, but measured on Med-MAT-mini it transferred better across
   modalities than group norm (Related on CT-Lung-COVID, 3 seeds: 91 vs 86 %).
@@ -32,6 +39,7 @@ Why these pieces:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -72,6 +80,7 @@ class TinyConfig:
     ngram_max: int = 5
     text_init_std: float = 0.02  # text embeddings start small: text no training touched stays near neutral
     norm: str = "instance"  # CNN feature-map normalisation: instance | group
+    init_seed: int | None = 0  # the base weights every training seed starts from; None: the training seed draws them
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -86,7 +95,7 @@ class TinyConfig:
 
 
 # Saved configs without these keys come from the word-only model: they load as they were trained.
-LEGACY = {"ngram_buckets": 0, "norm": "instance", "text_init_std": 1.0}
+LEGACY = {"ngram_buckets": 0, "norm": "instance", "text_init_std": 1.0, "init_seed": None}
 
 
 def tokenize(text: str) -> list[str]:
@@ -128,9 +137,37 @@ def _norm_layer(kind: str, c: int) -> nn.Module:
     return nn.GroupNorm(math.gcd(4, c), c)
 
 
+@contextlib.contextmanager
+def _init_rng(seed: int | None):
+    """Module initialisation inside draws from `seed` (None: from the global RNG, as it is)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):  # the training seed's stream is left as it was
+        torch.manual_seed(seed)
+        yield
+
+
+def _fixed_text_table(vocab: list[str], buckets: int, dim: int, std: float, seed: int) -> torch.Tensor:
+    """The text table's base weights: each row a function of (seed, its word or bucket), not of its
+    position, so a word starts from the same vector whatever else the training vocabulary holds."""
+    table = torch.empty(len(vocab) + buckets, dim)
+    table[len(vocab):] = torch.randn(buckets, dim, generator=torch.Generator().manual_seed(seed)) * std
+    for i, word in enumerate(vocab):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(word.encode()))
+        table[i] = torch.randn(dim, generator=g) * std
+    table[0] = 0.0  # padding
+    return table
+
+
 class TinyVLM(nn.Module):
-    def __init__(self, cfg: TinyConfig, vocab_size: int):
+    def __init__(self, cfg: TinyConfig, vocab: list[str]):
         super().__init__()
+        with _init_rng(cfg.init_seed):
+            self._build(cfg, vocab)
+
+    def _build(self, cfg: TinyConfig, vocab: list[str]) -> None:
+        vocab_size = len(vocab)
         layers, c_in = [], 3
         for c in cfg.channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), _norm_layer(cfg.norm, c), nn.GELU()]
@@ -147,8 +184,12 @@ class TinyVLM(nn.Module):
         self.cfg = cfg
         if cfg.ngram_buckets:  # the text model (LEGACY keeps the word-only model's init)
             with torch.no_grad():
-                self.words.weight.normal_(0.0, cfg.text_init_std)
-                self.words.weight[0].zero_()  # padding
+                if cfg.init_seed is None:
+                    self.words.weight.normal_(0.0, cfg.text_init_std)
+                    self.words.weight[0].zero_()  # padding
+                else:
+                    self.words.weight.copy_(_fixed_text_table(vocab, cfg.ngram_buckets, cfg.embed_dim,
+                                                              cfg.text_init_std, cfg.init_seed))
                 # An untrained model has no preference: with the head's last layer and the option
                 # prior at zero every option scores the same, and the seeded tie-break guesses. A
                 # random network instead gave one favourite label for every question (exactly 1/k on
@@ -195,7 +236,7 @@ class TinyBackend:
         self.data_root = Path(data_root) if data_root else None
         self.vocab = list(vocab) if vocab else [PAD, UNK]
         self.word_index = {w: i for i, w in enumerate(self.vocab)}
-        self.model = TinyVLM(cfg, len(self.vocab))
+        self.model = TinyVLM(cfg, self.vocab)
         # Decoded, resized images as uint8 (3, S, S), loaded once per run: every epoch reads the same PNGs.
         self._images: dict[str, torch.Tensor] = {}
         # (question, options, answer) -> (question ids, option ids, answer index): a record's words are
@@ -214,7 +255,7 @@ class TinyBackend:
         words = sorted(w for w, n in counts.items() if n >= self.cfg.min_word_count)
         self.vocab = [PAD, UNK] + words
         self.word_index = {w: i for i, w in enumerate(self.vocab)}
-        self.model = TinyVLM(self.cfg, len(self.vocab))
+        self.model = TinyVLM(self.cfg, self.vocab)
         self._encoded.clear()  # ids depend on the vocabulary just built
         for row in _iter_rows(train_df) if decode_images else ():  # now, not inside the training loop
             self.image_tensor(row)
