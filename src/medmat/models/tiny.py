@@ -19,19 +19,12 @@ Why these pieces:
   option prior start at zero, so every option scores the same and the evaluator's seeded tie-break
   guesses. A random network instead had one favourite label for every question: exactly 1/k on a
   label-balanced test, on every seed.
-- Text embeddings start small (`text_init_std`): the n-grams of a label no training touched stay near
-  zero instead of a large random vector drawn anew by each seed. Measured on Med-MAT-mini (worlds of
-  seeds 0 and 1, 3 training seeds, 150 steps): Related arms whose target labels were all seen vary by
-  at most 3 points between seeds at either scale; arms whose target labels are partly unseen still vary
-  by 5-20 points (CT-Lung-COVID from subsets 30 + 05: sd 19 at N(0, 1), 12 at N(0, 0.02)) - what such
-  an arm answers for an unseen label is not determined by the data.
-- Every training seed starts from the same base weights (`init_seed`), as the paper's three runs all
-  fine-tune one LLaVA-1.5 checkpoint: the seed varies data order and augmentation, not the model.
-  With the init drawn by the training seed, an arm whose target labels are partly unseen answered
-  them by its random init: measured on the default world (3 seeds), 28 from 04 + 32 had sd 10.6 at 150
-  steps, 1.0 with a shared init; 03 from 06 + 28 (labels all seen) needed longer training instead:
-  sd 9.3 at 150 steps, 1.0 at 300 (with the shared init). Each word's base vector is a function of the
-  word, not of its place in the vocabulary, so two arms' "covid" start alike.
+- Text embeddings start small (`text_init_std`) and every training seed starts from the same base
+  weights (`init_seed`), as the paper's three runs fine-tune one LLaVA-1.5 checkpoint: the seed varies
+  data order and augmentation, not the model. What an arm answers for a target label it never saw is
+  not determined by its data; with the init drawn by each seed it was drawn anew (default world, 3
+  seeds, 150 steps: 28 from 04 + 32 sd 10.6; shared init: 1.0). Each word's base vector depends on the
+  word, not on its place in the vocabulary.
 - `norm: group` (GroupNorm feature maps) is kept as an option: instance norm before the global pool
   leaves each channel at zero mean, but measured on Med-MAT-mini it transferred better across
   modalities than group norm (Related on CT-Lung-COVID, 3 seeds: 91 vs 86 %).
@@ -39,7 +32,6 @@ Why these pieces:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -137,20 +129,8 @@ def _norm_layer(kind: str, c: int) -> nn.Module:
     return nn.GroupNorm(math.gcd(4, c), c)
 
 
-@contextlib.contextmanager
-def _init_rng(seed: int | None):
-    """Module initialisation inside draws from `seed` (None: from the global RNG, as it is)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):  # the training seed's stream is left as it was
-        torch.manual_seed(seed)
-        yield
-
-
 def _fixed_text_table(vocab: list[str], buckets: int, dim: int, std: float, seed: int) -> torch.Tensor:
-    """The text table's base weights: each row a function of (seed, its word or bucket), not of its
-    position, so a word starts from the same vector whatever else the training vocabulary holds."""
+    """Base text weights: each row a function of (seed, its word or bucket), not of its position."""
     table = torch.empty(len(vocab) + buckets, dim)
     table[len(vocab):] = torch.randn(buckets, dim, generator=torch.Generator().manual_seed(seed)) * std
     for i, word in enumerate(vocab):
@@ -163,11 +143,13 @@ def _fixed_text_table(vocab: list[str], buckets: int, dim: int, std: float, seed
 class TinyVLM(nn.Module):
     def __init__(self, cfg: TinyConfig, vocab: list[str]):
         super().__init__()
-        with _init_rng(cfg.init_seed):
+        fixed = cfg.init_seed is not None
+        with torch.random.fork_rng(devices=[], enabled=fixed):  # the training seed's stream stays as it was
+            if fixed:
+                torch.manual_seed(cfg.init_seed)
             self._build(cfg, vocab)
 
     def _build(self, cfg: TinyConfig, vocab: list[str]) -> None:
-        vocab_size = len(vocab)
         layers, c_in = [], 3
         for c in cfg.channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), _norm_layer(cfg.norm, c), nn.GELU()]
@@ -176,7 +158,7 @@ class TinyVLM(nn.Module):
         self.img_proj = nn.Linear(c_in, cfg.embed_dim)
         # One table for questions and options (words, then n-gram buckets): a word means the same on
         # both sides.
-        self.words = nn.EmbeddingBag(vocab_size + cfg.ngram_buckets, cfg.embed_dim, mode="mean", padding_idx=0)
+        self.words = nn.EmbeddingBag(len(vocab) + cfg.ngram_buckets, cfg.embed_dim, mode="mean", padding_idx=0)
         self.joint = nn.Sequential(
             nn.Linear(3 * cfg.embed_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.embed_dim)
         )
