@@ -163,3 +163,19 @@ def test_cli(study, tmp_path, capsys):
     assert (tmp_path / "out" / "report.md").exists() and json.loads((tmp_path / "s.json").read_text())["main_rows"] == 2
     args.designs = str(tmp_path / "missing")
     assert run(args) == 2
+
+
+def test_en_bloc_counts_classes_given_one_answer():
+    """A (seed, true label) group is en bloc when >= 90% of its questions got one answer: such a
+    control rests on its looks, not its questions, and the report's caveat says so."""
+    from medmat.report.analysis import _en_bloc, _labels
+    from medmat.report.runs import Arm
+
+    def preds(pairs):
+        return [{"answer_text": a, "predicted_text": p} for a, n, p in pairs for _ in range(n)]
+
+    arm = Arm("related", {}, {0: preds([("COVID-19", 10, "Normal"), ("Normal", 9, "Pneumonia"), ("Normal", 1, "Normal"),
+                                        ("Pneumonia", 5, "Normal"), ("Pneumonia", 5, "Pneumonia")]),
+                              1: preds([("COVID-19", 8, "Normal"), ("COVID-19", 2, "COVID-19")])}, {})
+    assert _en_bloc(arm) == (4, 2)  # seed 0: COVID-19 and Normal en bloc, Pneumonia split; seed 1: 8 of 10 is not
+    assert _labels(arm) == {"COVID-19", "Normal", "Pneumonia"}

@@ -9,6 +9,7 @@ computed from these numbers, never written as fixed text.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from medmat import stats
@@ -134,10 +135,35 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
     below = [r for r in crows if r["trained"] and r["target"] in chance and r["trained"]["hi"] < chance[r["target"]]]
     if below:
         out.append("In the control world Trained falls BELOW chance in " + ", ".join(
-            f"{r['target']} {r['id']} ({r['trained']['acc']:.1f}%)" for r in below) + ": a systematic wrong "
-            "mapping, not the absence of one.")
+            f"{r['target']} {r['id']} ({r['trained']['acc']:.1f}%)" for r in below) + ": whole classes are "
+            "given one wrong label (next caveat).")
+    groups, en_bloc = map(sum, zip(*(_en_bloc(r["_pair"][0]) for r in crows))) if crows else (0, 0)
+    if en_bloc:
+        looks = sum(len(_labels(r["_pair"][0])) for r in {r["target"]: r for r in crows}.values())
+        out.append(f"The control's Trained models answer whole classes alike: in {en_bloc} of {groups} "
+                   f"(row, seed, true label) groups at least 90% of the label's questions got one answer. An unseen "
+                   "look is mapped largely as a whole to some learned label, so the questions are not independent "
+                   f"draws: the control rests on about {looks} looks (its targets' labels), and its intervals, "
+                   "which resample questions one by one, leave out the spread between entangled worlds.")
     seeds = sorted({c["n_seeds"] for c in cells.values() if c})
     if seeds and max(seeds) < 5:
         out.append(f"Only {max(seeds)} training seeds per cell: the bootstrap's seed stage draws from "
                    f"{max(seeds)} values, so intervals are approximate.")
     return out
+
+
+def _labels(arm: Arm) -> set[str]:
+    return {str(p.get("answer_text")) for ps in arm.predictions.values() for p in ps}
+
+
+def _en_bloc(arm: Arm, share: float = 0.9) -> tuple[int, int]:
+    """(seed x true-label groups, those where >= `share` of the questions got one predicted answer)."""
+    groups = en_bloc = 0
+    for preds in arm.predictions.values():
+        by_label: dict[str, Counter] = {}
+        for p in preds:
+            by_label.setdefault(str(p.get("answer_text")), Counter())[str(p.get("predicted_text"))] += 1
+        for answers in by_label.values():
+            groups += 1
+            en_bloc += max(answers.values()) >= share * sum(answers.values())
+    return groups, en_bloc
