@@ -179,3 +179,24 @@ def test_en_bloc_counts_classes_given_one_answer():
                               1: preds([("COVID-19", 8, "Normal"), ("COVID-19", 2, "COVID-19")])}, {})
     assert _en_bloc(arm) == (4, 2)  # seed 0: COVID-19 and Normal en bloc, Pneumonia split; seed 1: 8 of 10 is not
     assert _labels(arm) == {"COVID-19", "Normal", "Pneumonia"}
+
+
+def test_label_clusters_widen_the_interval_when_whole_labels_move():
+    """One seed answers a whole label right and another wrong: resampling labels as clusters gives a
+    wider interval than resampling questions, around the same point."""
+    from medmat import stats
+    from medmat.report.analysis import label_clusters
+    from medmat.report.runs import Arm
+
+    def arm(right_labels):
+        preds = {s: [{"record_id": f"{lab}-{i}", "answer_text": lab, "correct": lab in right_labels[s]}
+                     for lab in ("A", "B", "C") for i in range(30)] for s in (0, 1, 2)}
+        return Arm("x", {s: {p["record_id"]: p["correct"] for p in ps} for s, ps in preds.items()}, preds, {})
+
+    trained = arm({0: {"A", "B"}, 1: {"A", "C"}, 2: {"A"}})
+    other = arm({0: set(), 1: set(), 2: set()})
+    rows = [{"gap": {"gap": 0.0}, "target": "03", "_pair": (trained, other)}]
+    by_question = stats.mean_gap_bootstrap([(trained.outcomes, other.outcomes)], ["03"], n_boot=500, seed=0)
+    by_label = label_clusters(rows, n_boot=500, seed=0)
+    assert by_label["lo"] < by_question["lo"] and by_label["hi"] >= by_question["hi"]
+    assert by_label["lo"] <= by_question["gap"] <= by_label["hi"]

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medmat import stats
 from medmat.io import atomic_write_json, atomic_write_text
 from medmat.report import analysis, plots
 from medmat.report.analysis import DIRECTION_NAMES
@@ -150,6 +151,14 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
                  f"±{cfg.control_band:g} points): **{'passed' if control_ok else 'NOT passed'}**.")
     else:
         L.append("- Negative control: no entangled-world runs found (experiment.control false?).")
+    if h["rows"]:
+        mc, cc = analysis.label_clusters(rows, cfg.n_boot, cfg.bootstrap_seed), analysis.label_clusters(
+            crows, cfg.n_boot, cfg.bootstrap_seed)
+        L.append("- Sensitivity, each target's labels resampled as clusters instead of its single questions (a look "
+                 f"is learned or misread as a whole): main world [{mc['lo']:+.1f}, {mc['hi']:+.1f}]"
+                 + (f", negative control [{cc['lo']:+.1f}, {cc['hi']:+.1f}] (inside ±{cfg.control_band:g}: "
+                    f"{'yes' if stats.equivalence(cc['lo'], cc['hi'], cfg.control_band) else 'no'})"
+                    if crows else "") + ".")
     L += ["", "## Table 3: the paper's rows beside ours", "",
           "One row per combination run. Paper = LLaVA-1.5-7B on real Med-MAT (the Med-MAT paper, Table 3); ours = "
           "this platform's model on this world. Gap = Trained - Baseline+ (paired two-stage bootstrap interval); "
