@@ -369,7 +369,14 @@ def log_mixture(manifest: Mapping[str, Any], data_version: str, name: str = "mix
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(data_version))
     dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=str(digest)[:_MAX_DIGEST])
-    mlflow.log_input(dataset, context="training")
+    try:
+        mlflow.log_input(dataset, context="training")
+    except mlflow.exceptions.MlflowException as exc:
+        # Two seeds of one arm log the same dataset at the same moment: the store checks, then inserts,
+        # and the loser hits the unique key. The dataset exists now, so a second call just links it.
+        if "unique constraint" not in str(exc).lower():
+            raise
+        mlflow.log_input(dataset, context="training")
     mlflow.log_dict(dict(manifest), "manifest.json")
 
 
