@@ -72,6 +72,18 @@ def test_mean_gap_over_rows_and_accuracy_interval_in_range():
     assert 0.0 <= acc["lo"] <= acc["acc"] <= acc["hi"] <= 100.0
 
 
+def test_clusters_of_one_question_each_are_the_question_bootstrap():
+    """The cluster option resamples whole clusters; a cluster per question is the plain bootstrap."""
+    rows = [(outcomes({0: 0.8, 1: 0.7, 2: 0.9}, seed=13), outcomes({0: 0.4, 1: 0.4, 2: 0.5}, seed=14))]
+    plain = mean_gap_bootstrap(rows, ["03"], n_boot=400, seed=1)
+    singletons = [{q: q for q in rows[0][0][0]}]
+    assert mean_gap_bootstrap(rows, ["03"], n_boot=400, seed=1, clusters=singletons) == {
+        **plain, "method": plain["method"].replace("questions", "question clusters")}
+    one_cluster = mean_gap_bootstrap(rows, ["03"], n_boot=400, seed=1, clusters=[{}])  # every id unknown
+    assert one_cluster["gap"] == plain["gap"]
+    assert one_cluster["hi"] - one_cluster["lo"] < plain["hi"] - plain["lo"] + 1e-9  # seeds only remain
+
+
 def test_equivalence_needs_the_whole_interval_inside_the_band():
     assert equivalence(-3.0, 4.0)
     assert not equivalence(-45.0, 53.0)  # covers 0, but shows nothing

@@ -154,20 +154,36 @@ def accuracy_interval(a: Outcomes, n_boot: int = 2000, seed: int = 0) -> dict[st
 
 
 def mean_gap_bootstrap(pairs: Sequence[tuple[Outcomes, Outcomes]], groups: Sequence[Any] | None = None,
-                       n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+                       n_boot: int = 2000, seed: int = 0,
+                       clusters: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Mean over rows of the gap a - b (points), with a 95% interval from the same two-stage bootstrap.
 
     One replicate resamples seeds once for all rows and questions once per `groups` key (give the
     target: rows of one target share test questions and their Baseline+ arm, so their gaps move
-    together), then averages the rows' resampled gaps. Used for the headline and the control."""
+    together), then averages the rows' resampled gaps. Used for the headline and the control.
+    `clusters` (one record_id -> key mapping per pair, e.g. each question's true label) resamples the
+    clusters instead of single questions: a cluster bootstrap for questions that are not independent
+    draws. The point estimate is the plain mean either way."""
     if not pairs:
         raise ValueError("no rows to average")
     groups = list(groups) if groups is not None else list(range(len(pairs)))
-    mats = [_matrix(a, b)[0] for a, b in pairs]
+    full = [_matrix(a, b) for a, b in pairs]
+    mats = [m for m, _, _ in full]
+    if clusters is not None:
+        mats = [_cluster_means(m, questions, key) for (m, _, questions), key in zip(full, clusters)]
     reps = _two_stage(mats, groups, n_boot, seed)
-    point = float(np.mean([100.0 * m.mean() for m in mats]))
-    return _summary(point, reps, rows=len(mats),
-                    method="two-stage bootstrap (seeds shared by all rows, questions per target), percentile 95%")
+    point = float(np.mean([100.0 * m.mean() for m, _, _ in full]))
+    method = "two-stage bootstrap (seeds shared by all rows, {} per target), percentile 95%".format(
+        "question clusters" if clusters is not None else "questions")
+    return _summary(point, reps, rows=len(mats), method=method)
+
+
+def _cluster_means(m: np.ndarray, questions: list[str], key: Mapping[str, Any]) -> np.ndarray:
+    """(seeds x clusters): each cluster's mean over its questions' columns (unknown ids form one cluster)."""
+    cols: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        cols.setdefault(str(key.get(q, "?")), []).append(i)
+    return np.stack([m[:, c].mean(axis=1) for _, c in sorted(cols.items())], axis=1)
 
 
 def equivalence(lo: float, hi: float, margin: float = 5.0) -> bool:

@@ -12,7 +12,6 @@ import math
 from collections import Counter
 from typing import Any
 
-import numpy as np
 
 from medmat import stats
 from medmat.report.runs import Arm
@@ -91,18 +90,12 @@ def label_clusters(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[s
     usable = [r for r in rows if r["gap"]]
     if not usable:
         return {"lo": math.nan, "hi": math.nan}
-    blocks = []
-    for r in usable:
-        trained, other = r["_pair"]
-        m, _, questions = stats._matrix(trained.outcomes, other.outcomes)
-        label = {str(p["record_id"]): str(p.get("answer_text")) for ps in trained.predictions.values() for p in ps}
-        by_label: dict[str, list[int]] = {}
-        for i, q in enumerate(questions):
-            by_label.setdefault(label.get(q, "?"), []).append(i)
-        blocks.append(np.stack([m[:, cols].mean(axis=1) for _, cols in sorted(by_label.items())], axis=1))
-    reps = stats._two_stage(blocks, [r["target"] for r in usable], n_boot, seed)
-    lo, hi = (float(x) for x in np.percentile(reps, [2.5, 97.5]))
-    return {"lo": lo, "hi": hi}
+    pairs = [(r["_pair"][0].outcomes, r["_pair"][1].outcomes) for r in usable]
+    labels = [{str(p["record_id"]): str(p.get("answer_text")) for ps in r["_pair"][0].predictions.values() for p in ps}
+              for r in usable]
+    m = stats.mean_gap_bootstrap(pairs, groups=[r["target"] for r in usable], n_boot=n_boot, seed=seed,
+                                 clusters=labels)
+    return {"lo": m["lo"], "hi": m["hi"]}
 
 
 def positive_claim(h: dict[str, Any]) -> bool:
