@@ -115,6 +115,32 @@ def test_control_data_disabled_writes_a_note(tmp_path):
     assert (tmp_path / "control" / "records.parquet").is_file() and (tmp_path / "control" / "designs").is_dir()
 
 
+def test_the_control_world_is_regenerated_when_missing_and_checked_against_its_table(tmp_path):
+    """The control world's images are not a DVC output: the control stage regenerates them where they
+    are missing (byte-identical), and refuses them when they no longer match the table's hashes."""
+    import shutil
+
+    from medmat.data.synth_world import regenerate_missing
+    from medmat.data.records import data_root_of
+
+    synth = {"train_per_subset": 8, "test_per_subset": 8, "subsets": [3, 4, 28]}
+    p = write_params(tmp_path / "params.yaml", synth=synth, experiment={"targets": ["03"]})
+    out, world = tmp_path / "control", tmp_path / "control-world"
+    assert control_data(str(out), str(p), str(world)) == 0
+    records = str(out / "records.parquet")
+    assert data_root_of(records) == world.resolve() and not (out / "data").exists()
+    image = next(world.rglob("*.png"))
+    before = image.read_bytes()
+    shutil.rmtree(world)
+    assert regenerate_missing(records, str(p))
+    assert image.read_bytes() == before
+    assert not regenerate_missing(records, str(p))  # present: trusted, nothing rewritten
+    shutil.rmtree(world)
+    write_params(p, synth={**synth, "seed": 7}, experiment={"targets": ["03"]})
+    with pytest.raises(ValueError, match="differ from"):
+        regenerate_missing(records, str(p))
+
+
 def test_use_gpu_config_replaces_sections_and_keeps_the_rest(tmp_path):
     from medmat.models import ModelConfig
     from medmat.models.hf import HFConfig

@@ -5,12 +5,21 @@ the Related subsets can transfer to the target: the Related arm must fall to cha
 Trained - Baseline+ gap must be equivalent to zero (medmat.stats.equivalence). The control's units are
 then run by `python -m medmat.pipeline study --world control`.
 
-    python -m medmat.control [--out work/control]
+The world's 21k images live in `work/control-world`, beside the stage's outputs, not among them: they
+are a pure function of the `synth:` params and this code (byte-identical for the same seed), and the
+table keeps every image's sha256. Declared as a DVC output they cost a walk of 21k files on every
+`dvc repro`, more than half of a no-op's time. So the table and designs are the outputs, and the
+control stage regenerates the images where they are missing (a fresh clone after `dvc pull`, a queued
+experiment's workspace) and checks them against the table before any unit reads them
+(medmat.data.synth_world.regenerate_missing).
+
+    python -m medmat.control [--out work/control] [--world work/control-world]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +29,10 @@ from medmat.experiment import ExperimentConfig
 from medmat.io import atomic_write_json
 
 
-def control_data(out: str = "work/control", params: str = "params.yaml") -> int:
+WORLD = "work/control-world"
+
+
+def control_data(out: str = "work/control", params: str = "params.yaml", world: str = WORLD) -> int:
     """The negative control's world: Med-MAT-mini --entangled, ingested and designed like the main world."""
     import shutil
 
@@ -39,17 +51,23 @@ def control_data(out: str = "work/control", params: str = "params.yaml") -> int:
         atomic_write_json(root / "designs" / "designs.json", {"targets": {}, "note": "experiment.control is false"})
         pq.write_table(SCHEMA.empty_table(), root / "records.parquet")
         return 0
-    import dataclasses
-
     from medmat.data.ingest import IngestParams, ingest_to_parquet
-    from medmat.data.synth_world import SynthParams, generate
     from medmat.designs import design_targets
 
-    synth = dataclasses.replace(load_section(SynthParams, "synth", params), entangled=True)
-    generate(root / "data", synth, progress=False)
-    ingest_to_parquet(root / "data", root / "records.parquet", load_section(IngestParams, "ingest", params))
+    _generate_world(Path(world), params)
+    ingest_to_parquet(Path(world), root / "records.parquet", load_section(IngestParams, "ingest", params))
     design_targets(root / "records.parquet", root / "designs", params)
     return 0
+
+
+def _generate_world(world: Path, params: str) -> None:
+    import shutil
+
+    from medmat.data.synth_world import SynthParams, generate
+
+    if world.exists():
+        shutil.rmtree(world)  # synth refuses a non-empty folder; this module owns `world` entirely
+    generate(world, dataclasses.replace(load_section(SynthParams, "synth", params), entangled=True), progress=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(prog="python -m medmat.control", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="work/control", help="folder: data/, records.parquet, designs/")
+    parser.add_argument("--out", default="work/control", help="folder: records.parquet, designs/")
+    parser.add_argument("--world", default=WORLD, help="folder for the world's images (not a DVC output)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     from medmat.config import ConfigError
 
     try:
-        return control_data(args.out, args.params)
+        return control_data(args.out, args.params, args.world)
     except (ConfigError, FileExistsError, ValueError) as exc:
         logging.getLogger("medmat.control").error("%s", exc)
         return 2

@@ -143,6 +143,10 @@ def run_study(*, targets: list | None = None, world: str = "main", params: str =
     if world == "control" and not study.experiment.control:
         atomic_write_json(Path(runs_root) / "DISABLED.json", {"reason": "experiment.control is false"})  # a DVC out
         return _write_cells({}, metrics_root, note="experiment.control is false")
+    if world == "control":
+        from medmat.data.synth_world import regenerate_missing
+
+        regenerate_missing(records, params)  # its images are not a DVC output (see medmat.control)
     specs = [spec for t in labels
              for spec in plan_units(study, target=t, records=records, designs_dir=designs_dir, runs_root=runs_root,
                                     world=world_of(records), data_version=data_version_of(records),

@@ -19,6 +19,7 @@ this module decides how many records each dataset gets and writes them in the re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -289,6 +290,34 @@ def generate_from_params(out: str | os.PathLike, raw_params: dict | None = None,
     if entangled is not None:
         values["entangled"] = entangled
     return generate(out, from_dict(SynthParams, values, where="params: section 'synth'"), progress=progress)
+
+
+def regenerate_missing(records: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> bool:
+    """Regenerate the generated world a records table was ingested from when its folder is gone, with
+    the `synth:` section of `params` (entangled as the table's world says), and check every image
+    against the table's sha256. For worlds a stage writes but DVC does not store (the negative
+    control's, see medmat.control). A present world is trusted, and a real release is never touched.
+    Returns whether it regenerated; ValueError when the regenerated images differ from the table."""
+    import pyarrow.parquet as pq
+
+    from medmat.config import load_section
+    from medmat.data.images import sha256_file
+    from medmat.data.records import data_root_of, world_of
+
+    world = world_of(records)
+    root = data_root_of(records)
+    if world not in ("mini", "mini-entangled") or (root.exists() and any(root.iterdir())):
+        return False
+    log.info("%s: the %s world's images are missing; regenerating them from %s", root, world, params)
+    synth = dataclasses.replace(load_section(SynthParams, "synth", params), entangled=world == "mini-entangled")
+    generate(root, synth, progress=False)
+    table = pq.read_table(records, columns=["image", "image_sha256"]).to_pandas().drop_duplicates("image")
+    bad = [img for img, sha in zip(table["image"], table["image_sha256"])
+           if sha and (not (root / img).is_file() or sha256_file(root / img) != sha)]
+    if bad:
+        raise ValueError(f"{root}: {len(bad)} regenerated images differ from {records} (first: {bad[0]}): the "
+                         f"code or the synth params changed since the table was ingested; rerun the stage that wrote it")
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
