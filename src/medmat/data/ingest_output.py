@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from medmat.data.records import SCHEMA
 from medmat.data.release_files import SourceFile
-from medmat.io import default_file_mode
+from medmat.io import default_file_mode, fsync_path
 
 
 class OutputLocked(RuntimeError):
@@ -77,14 +77,6 @@ def clean_stale_temps(out: Path) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish(tmp: Path, out: Path) -> None:
