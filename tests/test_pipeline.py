@@ -141,6 +141,23 @@ def test_the_control_world_is_regenerated_when_missing_and_checked_against_its_t
         regenerate_missing(records, str(p))
 
 
+def test_a_real_release_is_never_regenerated(tmp_path):
+    """Only generated worlds are regenerated: a table ingested from a real release (no synth marker)
+    whose images are gone is left alone (the units then name the missing images)."""
+    import shutil
+
+    from medmat.data.ingest import IngestParams, ingest_to_parquet
+    from medmat.data.synth_world import SynthParams, generate, regenerate_missing
+
+    release = tmp_path / "release"
+    generate(release, SynthParams(train_per_subset=8, test_per_subset=8, subsets=[3]), progress=False)
+    (release / "MEDMAT_MINI.json").unlink()  # now it reads as the real release
+    ingest_to_parquet(release, tmp_path / "records.parquet", IngestParams())
+    shutil.rmtree(release)
+    assert not regenerate_missing(str(tmp_path / "records.parquet"), str(tmp_path / "absent.yaml"))
+    assert not release.exists()
+
+
 def test_use_gpu_config_replaces_sections_and_keeps_the_rest(tmp_path):
     from medmat.models import ModelConfig
     from medmat.models.hf import HFConfig
