@@ -103,9 +103,9 @@ def run_bare(records: str, steps: int, workdir: str, store: str) -> dict:
     Q = torch.zeros(n, lq, dtype=torch.long)
     O = torch.zeros(n, k, lo, dtype=torch.long)
     for i, (q, opts, _) in enumerate(encs):
-        Q[i, : len(q)] = torch.tensor(q)
+        Q[i, : len(q)] = q
         for c, o in enumerate(opts):
-            O[i, c, : len(o)] = torch.tensor(o)
+            O[i, c, : len(o)] = o
     model = backend.model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]

@@ -123,6 +123,11 @@ def _question(row: dict) -> str:
     return str(q) if q is not None and str(q) else str(row.get("question_choice", "")).split("\n", 1)[0]
 
 
+def _offsets(bags: list[torch.Tensor]) -> torch.Tensor:  # EmbeddingBag offsets: where each bag starts
+    lengths = torch.tensor([len(t) for t in bags], dtype=torch.long)
+    return torch.cumsum(lengths, 0) - lengths
+
+
 def _norm_layer(kind: str, c: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm2d(c, affine=True)
@@ -296,37 +301,32 @@ class TinyBackend:
         return img
 
     # -- interface --------------------------------------------------------------------------------
-    def _encode(self, row: dict) -> tuple[list[int], list[list[int]], int]:
+    def _encode(self, row: dict) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        """(question ids, each option's ids, answer index or -100) as tensors, built once per text."""
         question, options = _question(row), _options(row)
         key = (question, tuple(options), row.get("answer_letter"))
         enc = self._encoded.get(key)
         if enc is None:
             label = _answer_index(row) if row.get("answer_letter") not in (None, "") else -100
-            enc = self._encoded[key] = (self._ids(question), [self._ids(o) for o in options], label)
+            ids = [torch.tensor(self._ids(t), dtype=torch.long) for t in (question, *options)]
+            enc = self._encoded[key] = (ids[0], ids[1:], label)
         return enc
 
     def collate(self, rows: Iterable[dict]) -> dict[str, torch.Tensor]:
         rows = list(rows)
         encs = [self._encode(r) for r in rows]
         k = max(len(e[1]) for e in encs)
-        q_ids, q_off, o_ids, o_off, labels = [], [], [], [], []
-        mask = torch.zeros(len(rows), k, dtype=torch.bool)
-        for i, (q, opts, label) in enumerate(encs):
-            q_off.append(len(q_ids))
-            q_ids += q
-            mask[i, : len(opts)] = True
-            for j in range(k):
-                o_off.append(len(o_ids))
-                o_ids += opts[j] if j < len(opts) else [0]
-            labels.append(label)
-        return {
+        pad = torch.zeros(1, dtype=torch.long)  # a missing option: PAD alone (masked out below)
+        questions = [q for q, _, _ in encs]
+        options = [opts[j] if j < len(opts) else pad for _, opts, _ in encs for j in range(k)]
+        return {  # one concatenation per field, in C: per-row Python lists cost a sixth of a training step
             "images": torch.stack([self.image_tensor(r) for r in rows]),
-            "q_ids": torch.tensor(q_ids),
-            "q_offsets": torch.tensor(q_off),
-            "o_ids": torch.tensor(o_ids),
-            "o_offsets": torch.tensor(o_off),
-            "o_mask": mask,
-            "labels": torch.tensor(labels),
+            "q_ids": torch.cat(questions),
+            "q_offsets": _offsets(questions),
+            "o_ids": torch.cat(options),
+            "o_offsets": _offsets(options),
+            "o_mask": torch.tensor([[j < len(opts) for j in range(k)] for _, opts, _ in encs], dtype=torch.bool),
+            "labels": torch.tensor([label for _, _, label in encs]),
         }
 
     def _scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
