@@ -120,6 +120,25 @@ def test_images_are_decoded_once_per_run(world):
     assert next(iter(b._images.values())).dtype == torch.uint8
 
 
+def test_a_batch_is_each_records_ids_in_order_with_short_option_lists_padded(world):
+    """collate concatenates the cached per-record ids: the offsets find each record's question and
+    each option again, and a record with fewer options gets PAD bags that the mask leaves out."""
+    rows = [r for s in ("03", "28") for r in _test_rows(world, [s]).head(3).to_dict("records")]
+    rows[0] = {**rows[0], "options": list(rows[0]["options"])[:2], "answer_letter": "A"}
+    b = build(ModelConfig())
+    batch = b.collate(rows)
+    k = max(len(r["options"]) for r in rows)
+    q_end = torch.cat([batch["q_offsets"][1:], torch.tensor([len(batch["q_ids"])])])
+    o_end = torch.cat([batch["o_offsets"][1:], torch.tensor([len(batch["o_ids"])])])
+    for i, r in enumerate(rows):
+        assert batch["q_ids"][batch["q_offsets"][i]:q_end[i]].tolist() == b._ids(r["question"])
+        for j in range(k):
+            ids = batch["o_ids"][batch["o_offsets"][i * k + j]:o_end[i * k + j]].tolist()
+            assert ids == (b._ids(str(r["options"][j])) if j < len(r["options"]) else [0])
+            assert bool(batch["o_mask"][i, j]) == (j < len(r["options"]))
+    assert batch["labels"][0] == 0 and batch["o_mask"].shape == (len(rows), k)
+
+
 def test_caches_follow_content_not_ids(world, tmp_path):
     """Same record_id with another question, or a rewritten image file, is never served stale."""
     import shutil
