@@ -12,7 +12,6 @@ import math
 from collections import Counter
 from typing import Any
 
-
 from medmat import stats
 from medmat.report.runs import Arm
 
