@@ -350,7 +350,7 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
 
     medmat("synth", "--out", "data", "--params", "params.yaml", "--train-per-subset", "80", "--test-per-subset", "20")
     medmat("ingest", "--data", "data", "--out", "work/records.parquet", "--params", "params.yaml")
-    medmat("designs", "--records", "work/records.parquet", "--targets", "6", "--out", "work/designs",
+    medmat("designs", "--records", "work/records.parquet", "--targets", "6,3", "--out", "work/designs",
            "--params", "params.yaml")
     args = ["search", "--target", "6", "--records", "work/records.parquet", "--designs", "work/designs",
             "--out", "work/search/06", "--params", "params.yaml"]
@@ -393,9 +393,52 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     exp = client.get_experiment_by_name(params["tracking"]["experiment"])
     parents = client.search_runs([exp.experiment_id], "tags.`medmat.kind` = 'search'")
     assert len(parents) == 1  # the resumed search logs under the same parent
+
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert sorted(int(r.data.params["trial"]) for r in children) == list(range(7))
     assert all("dev_accuracy" in r.data.metrics and json.loads(r.data.params["mixture"]) for r in children)
     by_trial = {int(r.data.params["trial"]): r for r in children}
     for t in trials:  # the nested run holds the trial's own mixture
         assert json.loads(by_trial[t.number].data.params["mixture"]) == t.user_attrs[search.MIXTURE]
+    # Two targets side by side (the `search` stage) give exactly what each gives searched alone. Last:
+    # their studies (in other storages) bear the names above, so their trials nest under the same parent run.
+    params["train"]["max_steps"] = 15
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    common = ["--records", "work/records.parquet", "--designs", "work/designs", "--params", "params.yaml",
+              "--trials", "3"]
+    medmat("search", "--target", "6", "--target", "3", "--out-root", "work/side",
+           "--storage", f"sqlite:///{tmp_path}/side.db", *common)
+    for target in ("06", "03"):
+        medmat("search", "--target", target, "--out", f"work/alone/{target}",
+               "--storage", f"sqlite:///{tmp_path}/alone.db", *common)
+        side, alone = (json.loads((tmp_path / f"work/{d}/{target}/best_mixture.json").read_text())
+                       for d in ("side", "alone"))
+        assert side["record_ids"] == alone["record_ids"] and side["dev_accuracy"] == alone["dev_accuracy"]
+        assert ((tmp_path / f"work/side/{target}/history.csv").read_text()
+                == (tmp_path / f"work/alone/{target}/history.csv").read_text())
+
+
+def test_several_targets_need_out_root_and_all_reads_experiment_targets(tmp_path, caplog):
+    """`--target all` is experiment.targets (named as their folders); options that belong to one target
+    are refused for several, naming the option and the targets."""
+    import argparse
+
+    from medmat.search import cli
+
+    assert cli.resolve_targets(["all"], [3, "28", "06"]) == ["03", "28", "06"]
+    assert cli.resolve_targets(["6", "all", "03"], ["03"]) == ["06", "03"]
+    with pytest.raises(ValueError, match="no target"):
+        cli.resolve_targets(["all"], [])
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    params = tmp_path / "params.yaml"
+    params.write_text("experiment:\n  targets: ['03', '28']\n")
+    base = ["--records", "r.parquet", "--designs", "d", "--params", str(params)]
+    for extra, says in ((["--out", "o"], "--out is one target's output folder: give --out-root (2 targets: 03, 28)"),
+                        (["--out-root", "o", "--dev", "dev.json"], "--dev is one target's dev split"),
+                        (["--out-root", "o", "--study-name", "s"], "--study-name is one study's name")):
+        caplog.clear()
+        assert cli.run(parser.parse_args(["--target", "all", *base, *extra])) == 2
+        assert says in caplog.text
+    with pytest.raises(SystemExit):  # one of --out / --out-root is required, not both
+        parser.parse_args(["--target", "3", *base, "--out", "a", "--out-root", "b"])

@@ -1,6 +1,12 @@
 """`medmat search`: one Optuna study per (world, target), resumed by name, with an MLflow parent run.
 
     medmat search --target 3 --records work/records.parquet --designs work/designs --out work/search/03
+    medmat search --target all --records work/records.parquet --designs work/designs --out-root work/search
+
+`--target all` (or several `--target`) searches every target of `experiment.targets`, side by side in
+`experiment.workers // search.workers` processes, each into `<out-root>/<target>` (the `search` stage).
+Each study keeps its own single order of trials, so running targets side by side changes no result;
+one at a time, one core of two stood idle for the whole search.
 
 Study names are readable: `medmat-mini-03-CT-Lung-COVID` (prefix, world, target, triplet). The study
 remembers the fingerprint of its objective (training/model/scorer settings, budget, dev split,
@@ -38,11 +44,15 @@ FINGERPRINT = "objective_fingerprint"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="subset number (e.g. 3) or triplet (CT-Lung-COVID)")
+    parser.add_argument("--target", required=True, action="append",
+                        help="subset number (e.g. 3) or triplet (CT-Lung-COVID); repeat it, or `all` "
+                        "(experiment.targets), to search several targets side by side")
     parser.add_argument("--records", type=Path, required=True, help="records table (records.parquet)")
     parser.add_argument("--designs", type=Path, required=True, help="designs folder (medmat designs output)")
     parser.add_argument("--dev", type=Path, default=None, help="dev split JSON (default: from --designs)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder: best_mixture.json, history.csv")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, help="output folder of one target: best_mixture.json, history.csv")
+    out.add_argument("--out-root", type=Path, help="one output folder per target under this one (<root>/03, ...)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--trials", type=int, default=None, help="finished trials wanted (search.n_trials)")
     parser.add_argument("--workers", type=int, default=None, help="processes sharing the study (search.workers)")
@@ -129,6 +139,83 @@ def _worker_command(w: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One target here; several side by side, each in its own process (`_side_by_side`)."""
+    from medmat.config import ConfigError
+
+    if isinstance(args.target, str):  # a worker: _worker_args resolved its one target
+        return run_target(args)
+    try:
+        targets = resolve_targets(args.target, _experiment(args.params).targets)
+        for option, why in (("out", "one target's output folder: give --out-root"), ("dev", "one target's dev split"),
+                            ("study_name", "one study's name")):
+            if getattr(args, option) is not None and len(targets) > 1:
+                raise ConfigError(f"--{option.replace('_', '-')} is {why} ({len(targets)} targets: "
+                                  f"{', '.join(targets)})")
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    if len(targets) > 1:
+        return _side_by_side(args, targets)
+    out = args.out if args.out is not None else args.out_root / targets[0]
+    return run_target(argparse.Namespace(**{**vars(args), "target": targets[0], "out": out}))
+
+
+def resolve_targets(values: list[str], experiment_targets: list) -> list[str]:
+    """`--target` values in order, `all` expanded to experiment.targets, each named as its folder ("03")."""
+    from medmat.names import norm_target
+
+    out: list[str] = []
+    for value in values:
+        for target in (experiment_targets if value == "all" else [value]):
+            if norm_target(target) not in out:
+                out.append(norm_target(target))
+    if not out:
+        raise ValueError("no target to search (experiment.targets is empty)")
+    return out
+
+
+def _experiment(params: Path):
+    from medmat.config import from_dict, load_params
+    from medmat.experiment import ExperimentConfig
+
+    section = (load_params(params).get("experiment") if params.exists() else None) or {}
+    return from_dict(ExperimentConfig, section, where=f"{params}: section 'experiment'")
+
+
+def _side_by_side(args: argparse.Namespace, targets: list[str]) -> int:
+    """Each target's search in its own process, experiment.workers // search.workers at a time; their
+    log lines are prefixed with the target. Every target runs even when another fails."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    width = max(1, _experiment(args.params).workers // config_from_args(args).workers)
+    given = [arg for name, flag in (("trials", "--trials"), ("workers", "--workers"), ("storage", "--storage"),
+                                    ("sampler", "--sampler"), ("seed", "--seed"))
+             if getattr(args, name) is not None for arg in (flag, str(getattr(args, name)))]
+    given += ["--no-warm-start"] if args.no_warm_start else []
+    write = threading.Lock()
+    log.info("searching %s, %d at a time", ", ".join(targets), width)
+
+    def search(target: str) -> int:
+        cmd = [sys.executable, "-m", "medmat.cli", "search", "--target", target, "--records", str(args.records),
+               "--designs", str(args.designs), "--out", str(args.out_root / target), "--params", str(args.params),
+               *given]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            with write:
+                sys.stderr.write(f"[{target}] {line}")
+        return proc.wait()
+
+    with ThreadPoolExecutor(width) as pool:
+        codes = dict(zip(targets, pool.map(search, targets)))
+    failed = [t for t, rc in codes.items() if rc]
+    if failed:
+        log.error("the search of target %s failed (its lines above start with [target])", ", ".join(failed))
+    return max(codes.values())
+
+
+def run_target(args: argparse.Namespace) -> int:
+    """One target's search (worker 0 or another worker of the same study)."""
     from medmat import tracking
     from medmat.config import ConfigError, from_dict, load_params
     from medmat.experiment import ExperimentConfig

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -232,7 +233,9 @@ def run_worker(study: optuna.Study, space: MixtureSpace, evaluate: Evaluate, n_t
                disable=not (progress and sys.stderr.isatty()))
     while True:
         with study_lock(lock):
-            optuna.storages.fail_stale_trials(study)  # heartbeats (database servers only; else a no-op)
+            with warnings.catch_warnings():  # "experimental" since optuna 2.9: a notice per trial, nothing to act on
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # heartbeats (database servers only; else a no-op)
             recover_stale(study)
             c = counts(study)
             bar.n = c["COMPLETE"] + c["PRUNED"]
