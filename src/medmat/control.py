@@ -19,7 +19,6 @@ experiment's workspace) and checks them against the table before any unit reads 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -63,11 +62,11 @@ def control_data(out: str = "work/control", params: str = "params.yaml", world: 
 def _generate_world(world: Path, params: str) -> None:
     import shutil
 
-    from medmat.data.synth_world import SynthParams, generate
+    from medmat.data.synth_world import generate, world_params
 
     if world.exists():
         shutil.rmtree(world)  # synth refuses a non-empty folder; this module owns `world` entirely
-    generate(world, dataclasses.replace(load_section(SynthParams, "synth", params), entangled=True), progress=False)
+    generate(world, world_params(params, entangled=True), progress=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,10 +38,9 @@ def ensure_data(data: Path, params: str) -> int:
             return _dvc("add", "-q", str(data))
         return 0
     print(f"{data}/ absent: generating Med-MAT-mini there", flush=True)
-    from medmat.config import load_section
-    from medmat.data.synth_world import SynthParams, generate
+    from medmat.data.synth_world import generate, world_params
 
-    generate(data, load_section(SynthParams, "synth", params), progress=sys.stderr.isatty())
+    generate(data, world_params(params), progress=sys.stderr.isatty())
     return _dvc("add", "-q", str(data))
 
 

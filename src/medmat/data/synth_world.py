@@ -292,6 +292,15 @@ def generate_from_params(out: str | os.PathLike, raw_params: dict | None = None,
     return generate(out, from_dict(SynthParams, values, where="params: section 'synth'"), progress=progress)
 
 
+def world_params(params: str | os.PathLike = "params.yaml", entangled: bool | None = None) -> SynthParams:
+    """The `synth:` section of a params file; `entangled` overrides it (the negative control's world is
+    the main world's params with entangled looks)."""
+    from medmat.config import load_section
+
+    synth = load_section(SynthParams, "synth", params)
+    return synth if entangled is None else dataclasses.replace(synth, entangled=entangled)
+
+
 def regenerate_missing(records: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> bool:
     """Regenerate the generated world a records table was ingested from when its folder is gone, with
     the `synth:` section of `params` (entangled as the table's world says), and check every image
@@ -300,7 +309,6 @@ def regenerate_missing(records: str | os.PathLike, params: str | os.PathLike = "
     Returns whether it regenerated; ValueError when the regenerated images differ from the table."""
     import pyarrow.parquet as pq
 
-    from medmat.config import load_section
     from medmat.data.images import sha256_file
     from medmat.data.records import data_root_of, world_of
 
@@ -309,8 +317,7 @@ def regenerate_missing(records: str | os.PathLike, params: str | os.PathLike = "
     if world not in ("mini", "mini-entangled") or (root.exists() and any(root.iterdir())):
         return False
     log.info("%s: the %s world's images are missing; regenerating them from %s", root, world, params)
-    synth = dataclasses.replace(load_section(SynthParams, "synth", params), entangled=world == "mini-entangled")
-    generate(root, synth, progress=False)
+    generate(root, world_params(params, entangled=world == "mini-entangled"), progress=False)
     table = pq.read_table(records, columns=["image", "image_sha256"]).to_pandas().drop_duplicates("image")
     bad = [img for img, sha in zip(table["image"], table["image_sha256"])
            if sha and (not (root / img).is_file() or sha256_file(root / img) != sha)]

@@ -90,10 +90,8 @@ def label_clusters(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[s
     if not usable:
         return {"lo": math.nan, "hi": math.nan}
     pairs = [(r["_pair"][0].outcomes, r["_pair"][1].outcomes) for r in usable]
-    labels = [{str(p["record_id"]): str(p.get("answer_text")) for ps in r["_pair"][0].predictions.values() for p in ps}
-              for r in usable]
     m = stats.mean_gap_bootstrap(pairs, groups=[r["target"] for r in usable], n_boot=n_boot, seed=seed,
-                                 clusters=labels)
+                                 clusters=[_label_of(r["_pair"][0]) for r in usable])
     return {"lo": m["lo"], "hi": m["hi"]}
 
 
@@ -154,7 +152,7 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             "given one wrong label (next caveat).")
     groups, en_bloc = map(sum, zip(*(_en_bloc(r["_pair"][0]) for r in crows))) if crows else (0, 0)
     if en_bloc:
-        looks = sum(len(_labels(r["_pair"][0])) for r in {r["target"]: r for r in crows}.values())
+        looks = sum(len(set(_label_of(r["_pair"][0]).values())) for r in {r["target"]: r for r in crows}.values())
         out.append(f"The control's Trained models answer whole classes alike: in {en_bloc} of {groups} "
                    f"(row, seed, true label) groups at least 90% of the label's questions got one answer. An unseen "
                    "look is mapped largely as a whole to some learned label, so the questions are not independent "
@@ -167,8 +165,9 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
     return out
 
 
-def _labels(arm: Arm) -> set[str]:
-    return {str(p.get("answer_text")) for ps in arm.predictions.values() for p in ps}
+def _label_of(arm: Arm) -> dict[str, str]:
+    """record id -> the label its question asks for (the true answer's text), over the arm's seeds."""
+    return {str(p["record_id"]): str(p.get("answer_text")) for ps in arm.predictions.values() for p in ps}
 
 
 def _en_bloc(arm: Arm, share: float = 0.9) -> tuple[int, int]:
