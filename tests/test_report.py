@@ -129,7 +129,9 @@ def test_control_passes_only_by_equivalence(study):
 def test_degenerate_cells_are_flagged_and_caveats_follow_the_numbers(study):
     summary = build(study)
     text = (study / "reports" / "report.md").read_text()
-    assert summary["degenerate_cells"] >= 1 and "⚠" in text and "predicts A for 100%" in text
+    assert summary["degenerate_cells"] >= 1 and "⚠" in text and "A for 100%" in text
+    # a cell shared by rows (a target's Baseline) is named once, with its row count, under its world
+    assert "- main world: 03 Baseline (of 2 rows): one letter (answers by position) in 3 of 3 seeds" in text
     # Baseline+ sits at chance here: no caveat may claim it rises above chance
     assert "Baseline+ is above chance" not in text
     assert "Only 3 training seeds" in text
@@ -168,17 +170,17 @@ def test_cli(study, tmp_path, capsys):
 def test_en_bloc_counts_classes_given_one_answer():
     """A (seed, true label) group is en bloc when >= 90% of its questions got one answer: such a
     control rests on its looks, not its questions, and the report's caveat says so."""
-    from medmat.report.analysis import _en_bloc, _labels
+    from medmat.report.analysis import _en_bloc, _label_of
     from medmat.report.runs import Arm
 
     def preds(pairs):
-        return [{"answer_text": a, "predicted_text": p} for a, n, p in pairs for _ in range(n)]
+        return [{"record_id": f"{a}-{i}", "answer_text": a, "predicted_text": p} for a, n, p in pairs for i in range(n)]
 
     arm = Arm("related", {}, {0: preds([("COVID-19", 10, "Normal"), ("Normal", 9, "Pneumonia"), ("Normal", 1, "Normal"),
                                         ("Pneumonia", 5, "Normal"), ("Pneumonia", 5, "Pneumonia")]),
                               1: preds([("COVID-19", 8, "Normal"), ("COVID-19", 2, "COVID-19")])}, {})
     assert _en_bloc(arm) == (4, 2)  # seed 0: COVID-19 and Normal en bloc, Pneumonia split; seed 1: 8 of 10 is not
-    assert _labels(arm) == {"COVID-19", "Normal", "Pneumonia"}
+    assert set(_label_of(arm).values()) == {"COVID-19", "Normal", "Pneumonia"}
 
 
 def test_label_clusters_widen_the_interval_when_whole_labels_move():

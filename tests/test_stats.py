@@ -93,12 +93,20 @@ def test_equivalence_needs_the_whole_interval_inside_the_band():
 
 def test_degenerate_flags_position_answers_and_exact_chance():
     one_letter = [{"predicted_letter": "A", "correct": i % 3 == 0} for i in range(90)]
-    assert "predicts A" in degenerate(one_letter, 3)
+    assert degenerate(one_letter, 3) == "one letter (answers by position) in 1 of 1 seeds (seed 0: A for 100% of 90 questions)"
     at_chance = {s: [{"predicted_letter": "ABC"[i % 3], "correct": i % 3 == 0} for i in range(90)] for s in range(3)}
     assert "1/3" in degenerate(at_chance, 3)
     varied = {s: [{"predicted_letter": "ABC"[(i + s) % 3], "correct": (i + s) % 4 == 0} for i in range(90)]
               for s in range(3)}
     assert degenerate(varied, 3) is None
+    # one label whatever the image (the letters vary: the options are shuffled), in any one seed
+    one_label = {s: [{"predicted_letter": "ABC"[i % 3], "predicted_text": "Normal" if s < 2 or i % 4 else "COVID-19",
+                      "correct": i % 3 == 0} for i in range(90)] for s in range(3)}
+    assert degenerate(one_label, 3) == ("one answer whatever the image in 2 of 3 seeds (seed 0: 'Normal' for 100%, "
+                                        "seed 1: 'Normal' for 100% of 90 questions)")
+    mostly = {s: [dict(p, predicted_text="Normal" if i % 5 else "COVID-19", correct=(i + s) % 4 == 0)
+                  for i, p in enumerate(ps)] for s, ps in one_label.items()}
+    assert degenerate(mostly, 3) is None  # 80% one label: it still looks at the image
     assert "1/4" in degenerate_cell([{"accuracy": 0.25}] * 3)
     assert degenerate_cell([{"accuracy": 0.25}, {"accuracy": 0.3}]) is None
 

@@ -27,6 +27,9 @@ import numpy as np
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 DEGENERATE_LETTER_SHARE = 0.8  # one letter for >= 80% of the questions: the model answers by position
+# One answer (label text) for >= 90% of a label-balanced test's questions: the answer hardly depends on the
+# image, and the accuracy is about 1/k whatever the model saw (e.g. "Normal", the one label it knows).
+DEGENERATE_LABEL_SHARE = 0.9
 
 
 # ------------------------------------------------------------------------------------ intervals
@@ -205,20 +208,35 @@ def _by_seed(predictions: Mapping[Any, Iterable[Mapping]] | Iterable[Mapping]) -
 
 
 def degenerate(predictions: Mapping[Any, Iterable[Mapping]] | Iterable[Mapping], n_options: int | None = None,
-               max_letter_share: float = DEGENERATE_LETTER_SHARE) -> str | None:
+               max_letter_share: float = DEGENERATE_LETTER_SHARE,
+               max_label_share: float = DEGENERATE_LABEL_SHARE) -> str | None:
     """Why these predictions measure the procedure rather than the data, or None.
 
-    `predictions`: one run's prediction dicts ({"predicted_letter", "correct", ...}) or seed -> those.
-    Degenerate when (1) some seed gives one letter for >= `max_letter_share` of its questions (answers
-    by position), or (2) two or more seeds all score exactly 1/`n_options` (zero variance at chance:
-    the signature of a positional tie-break on a letter-balanced test)."""
+    `predictions`: one run's prediction dicts ({"predicted_letter", "predicted_text", "correct", ...})
+    or seed -> those. Degenerate when (1) some seed gives one letter for >= `max_letter_share` of its
+    questions (answers by position), (2) some seed gives one answer text for >= `max_label_share` of
+    them (answers one label whatever the image), or (3) two or more seeds all score exactly
+    1/`n_options` (zero variance at chance: the signature of a positional tie-break on a
+    letter-balanced test)."""
     runs = _by_seed(predictions)
+    letter_seeds, label_seeds = [], []
     for s, preds in sorted(runs.items(), key=lambda kv: str(kv[0])):
-        letters = Counter(p.get("predicted_letter") for p in preds)
-        if preds:
-            letter, count = letters.most_common(1)[0]
-            if count / len(preds) >= max_letter_share:
-                return f"seed {s}: predicts {letter} for {100 * count / len(preds):.0f}% of {len(preds)} questions"
+        if not preds:
+            continue
+        letter, count = Counter(p.get("predicted_letter") for p in preds).most_common(1)[0]
+        if count / len(preds) >= max_letter_share:
+            letter_seeds.append(f"seed {s}: {letter} for {100 * count / len(preds):.0f}%")
+            continue
+        label, count = Counter(p.get("predicted_text") for p in preds).most_common(1)[0]
+        if label is not None and count / len(preds) >= max_label_share:
+            label_seeds.append(f"seed {s}: {label!r} for {100 * count / len(preds):.0f}%")
+    n = max((len(p) for p in runs.values()), default=0)
+    if letter_seeds:
+        return (f"one letter (answers by position) in {len(letter_seeds)} of {len(runs)} seeds "
+                f"({', '.join(letter_seeds)} of {n} questions)")
+    if label_seeds:
+        return (f"one answer whatever the image in {len(label_seeds)} of {len(runs)} seeds "
+                f"({', '.join(label_seeds)} of {n} questions)")
     accs = [sum(bool(p.get("correct")) for p in preds) / len(preds) for preds in runs.values() if preds]
     return _at_chance(accs, n_options)
 

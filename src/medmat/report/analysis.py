@@ -125,15 +125,18 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
         out.append("Seed-to-seed sd of Trained above 5 points in " + ", ".join(
             f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f})" for r in wide) + ": these rows' gaps rest on "
             "unstable training; read their intervals, not their means.")
-    # one entry per cell: a target's Baseline is shared by its rows, so it is named once
-    degenerate = list(dict.fromkeys(
-        f"{r['target']} " + (d if d.startswith("Baseline:") else f"{r['id']} {d}")
-        for r in rows + crows for d in r["degenerate"]))
-    degenerate += [f"{name.replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
-                   if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
-    if degenerate:
-        out.append("Degenerate cells (their accuracy measures the procedure, not the model): "
-                   + " | ".join(degenerate) + ".")
+    flat = [r for r in rows if r["baseline_plus"] and r["baseline_plus"]["degenerate"]]
+    if flat:
+        out.append(f"Baseline+ is degenerate in {len(flat)} of {len(rows)} rows (next caveat): in those rows the gap "
+                   "is Trained over a baseline whose answers do not depend on the image, not over a model that "
+                   "reads it.")
+    scaleup = [f"{name.replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
+               if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
+    listed = [f"{world}: " + " | ".join(entries) for world, entries in
+              (("main world", _degenerate_cells(rows) + scaleup), ("control world", _degenerate_cells(crows)))
+              if entries]
+    if listed:
+        out.append("Degenerate cells (their accuracy measures the procedure, not the model) - " + "; ".join(listed) + ".")
     unmatched = [r for r in rows if not r["matched"]]
     if unmatched:
         out.append("Baseline+ could not match its Related total in " + ", ".join(
@@ -163,6 +166,18 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
         out.append(f"Only {max(seeds)} training seeds per cell: the bootstrap's seed stage draws from "
                    f"{max(seeds)} values, so intervals are approximate.")
     return out
+
+
+def _degenerate_cells(rows: list[dict[str, Any]]) -> list[str]:
+    """One entry per degenerate cell of a world's Table-3 rows: a cell shared by several rows (a target's
+    Baseline, its Baseline+ when the rows draw one Unrelated pool at one total) is named once, with its
+    row count."""
+    rows_of: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        for d in r["degenerate"]:
+            rows_of.setdefault((r["target"], d), []).append(r["id"])
+    return [f"{target} " + (f"{ids[0]} {d}" if len(ids) == 1 else f"{d.replace(':', f' (of {len(ids)} rows):', 1)}")
+            for (target, d), ids in rows_of.items()]
 
 
 def _label_of(arm: Arm) -> dict[str, str]:
