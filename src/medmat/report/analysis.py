@@ -130,7 +130,7 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
         out.append(f"Baseline+ is degenerate in {len(flat)} of {len(rows)} rows (next caveat): in those rows the gap "
                    "is Trained over a baseline whose answers do not depend on the image, not over a model that "
                    "reads it.")
-    scaleup = [f"{name.replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
+    scaleup = [f"{name.split('/', 1)[1].replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
                if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
     listed = [f"{world}: " + " | ".join(entries) for world, entries in
               (("main world", _degenerate_cells(rows) + scaleup), ("control world", _degenerate_cells(crows)))

@@ -130,12 +130,15 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
     if plots.plot_search(points, out / "search_history.png", cfg.dpi, cfg.figure_width):
         figures.append("search_history.png")
 
-    all_cells = {f"{r['target']}/{r['id']}/{k}": r[k] for r in rows + crows
+    # every cell the report marks, once per world and arm (a target's Baseline serves all its rows; Figure 4
+    # and the limited-data curves are main-world cells), so the caveats, the summary and `dvc metrics`
+    # count the same cells
+    all_cells = {f"{world}/{r['target']}/" + ("baseline" if k == "baseline" else f"{r['id']}/{k}"): r[k]
+                 for world, world_rows in (("main", rows), ("control", crows)) for r in world_rows
                  for k in ("baseline", "baseline_plus", "trained")}
-    # every cell the report marks (Figure 4 and the limited-data curves too), so the caveats, the summary
-    # and the ⚠ marks count the same cells
-    all_cells.update({f"{t}/scaleup/{name}": c for t, cells in scale.items() for name, c in cells})
-    all_cells.update({f"{t}/limited/{comp}_k{k}": c for t, comps in curves.items()
+    all_cells.update({f"main/{t}/" + ("baseline" if name == "Baseline" else f"scaleup/{name}"): c
+                      for t, cells in scale.items() for name, c in cells})
+    all_cells.update({f"main/{t}/limited/{comp}_k{k}": c for t, comps in curves.items()
                       for comp, pts in comps.items() for k, c in pts})
     caveats = analysis.caveats(rows, crows, all_cells, h, hc, cfg.control_band)
 
@@ -241,7 +244,9 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
         "main_claim_supported": analysis.positive_claim(h),
         "control_rows": hc["rows"], "control_mean_gap_pts": rnd(hc["gap"]),
         "control_gap_ci95_pts": [rnd(hc["lo"]), rnd(hc["hi"])], "control_equivalent": control_ok,
-        "degenerate_cells": sum(bool(c and c["degenerate"]) for c in all_cells.values()),
+        "degenerate_cells": sum(bool(c and c["degenerate"]) for k, c in all_cells.items() if k.startswith("main/")),
+        "control_degenerate_cells": sum(bool(c and c["degenerate"]) for k, c in all_cells.items()
+                                        if k.startswith("control/")),
         "max_trained_seed_sd": rnd(max((r["trained"]["sd_seeds"] for r in rows if r["trained"]
                                         and not math.isnan(r["trained"]["sd_seeds"])), default=math.nan)),
         "figures": figures,
