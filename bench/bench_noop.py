@@ -18,12 +18,16 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 
 def wall_times(repo: Path, runs: int) -> list[float]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    # `dvc` as the user types it: the console script beside this interpreter (the project's venv), even
+    # when the venv is not activated
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     out = []
     for _ in range(runs):
         t0 = time.perf_counter()
