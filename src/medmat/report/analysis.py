@@ -127,9 +127,9 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             "unstable training; read their intervals, not their means.")
     flat = [r for r in rows if r["baseline_plus"] and r["baseline_plus"]["degenerate"]]
     if flat:
-        out.append(f"Baseline+ is degenerate in {len(flat)} of {len(rows)} rows (next caveat): in those rows the gap "
-                   "is Trained over a baseline whose answers do not depend on the image, not over a model that "
-                   "reads it.")
+        out.append(f"Baseline+ is degenerate in {len(flat)} of {len(rows)} rows (reasons in the next caveat): in those "
+                   "rows the gap is Trained over a baseline whose accuracy measures the procedure (one answer or "
+                   "one letter whatever the image, or exactly chance), not over a model that reads the image.")
     scaleup = [f"{name.split('/', 1)[1].replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
                if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
     listed = [f"{world}: " + " | ".join(entries) for world, entries in
