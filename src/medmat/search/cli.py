@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.target, str):  # a worker: _worker_args resolved its one target
         return run_target(args)
     try:
-        targets = resolve_targets(args.target, _experiment(args.params).targets)
+        experiment = _experiment(args.params)
+        targets = resolve_targets(args.target, experiment.targets)
         for option, why in (("out", "one target's output folder: give --out-root"), ("dev", "one target's dev split"),
                             ("study_name", "one study's name")):
             if getattr(args, option) is not None and len(targets) > 1:
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     if len(targets) > 1:
-        return _side_by_side(args, targets)
+        return _side_by_side(args, targets, width=max(1, experiment.workers // config_from_args(args).workers))
     out = args.out if args.out is not None else args.out_root / targets[0]
     return run_target(argparse.Namespace(**{**vars(args), "target": targets[0], "out": out}))
 
@@ -175,20 +176,19 @@ def resolve_targets(values: list[str], experiment_targets: list) -> list[str]:
 
 
 def _experiment(params: Path):
-    from medmat.config import from_dict, load_params
+    """params' `experiment:` section (all defaults without a params file, as the search's own sections)."""
+    from medmat.config import load_section
     from medmat.experiment import ExperimentConfig
 
-    section = (load_params(params).get("experiment") if params.exists() else None) or {}
-    return from_dict(ExperimentConfig, section, where=f"{params}: section 'experiment'")
+    return load_section(ExperimentConfig, "experiment", params) if params.exists() else ExperimentConfig()
 
 
-def _side_by_side(args: argparse.Namespace, targets: list[str]) -> int:
-    """Each target's search in its own process, experiment.workers // search.workers at a time; their
-    log lines are prefixed with the target. Every target runs even when another fails."""
+def _side_by_side(args: argparse.Namespace, targets: list[str], width: int) -> int:
+    """Each target's search in its own process, `width` at a time; their log lines are prefixed with the
+    target. Every target runs even when another fails."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    width = max(1, _experiment(args.params).workers // config_from_args(args).workers)
     given = [arg for name, flag in (("trials", "--trials"), ("workers", "--workers"), ("storage", "--storage"),
                                     ("sampler", "--sampler"), ("seed", "--seed"))
              if getattr(args, name) is not None for arg in (flag, str(getattr(args, name)))]
