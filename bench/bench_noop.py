@@ -14,6 +14,7 @@ Run it in a repository whose pipeline is up to date (after `make demo`). It prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -60,7 +61,8 @@ def per_stage(repo: Path) -> tuple[float, dict[str, float], list[str]]:
     Stage.changed = timed
     try:
         t0 = time.perf_counter()
-        with Repo(str(repo)) as r:
+        # DVC resolves the default target (dvc.yaml) against the working directory, as the CLI does
+        with contextlib.chdir(repo), Repo(str(repo)) as r:
             r.reproduce()
             dirs = sorted({str(o.fs_path) for s in r.index.stages for o in [*s.deps, *s.outs]
                            if getattr(o, "fs_path", None) and os.path.isdir(o.fs_path)})
