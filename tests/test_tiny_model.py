@@ -203,3 +203,26 @@ def test_every_training_seed_starts_from_the_same_base_weights():
     torch.manual_seed(2)
     e = TinyVLM(free, ["<pad>", "<unk>", "covid", "normal"])
     assert not torch.equal(d.cnn[0].weight, e.cnn[0].weight)
+
+
+def test_batch_negatives_score_the_answer_against_every_option_text_of_the_batch(world):
+    """The option bank holds each distinct option text of the batch once, and every record's answer
+    points at its own text there, whichever record it came from; its loss is added at its weight."""
+    rows = _test_rows(world, ["03", "28"]).groupby("subset_no").head(4).to_dict("records")
+    own, banked = build(ModelConfig(tiny={"batch_negatives": 0.0})), build(ModelConfig(tiny={"batch_negatives": 0.5}))
+    for backend in (own, banked):
+        backend.prepare_training(rows, decode_images=False)
+        backend.model.eval()  # no augmentation draws
+    batch = banked.collate(rows)
+    texts = sorted({o for r in rows for o in r["options"]})
+    assert len(batch["bank_offsets"]) == len(texts)  # "Normal" of 03 and of 28 is one entry
+    bank_ids = torch.tensor_split(batch["bank_ids"], batch["bank_offsets"][1:])
+    for row, answer in zip(rows, batch["bank_labels"].tolist()):
+        answer_ids = torch.tensor(banked._ids(row["options"][ord(row["answer_letter"]) - ord("A")]))
+        assert torch.equal(bank_ids[answer], answer_ids), row["record_id"]
+    assert "bank_ids" not in own.collate(rows)  # off: the batch carries no bank at all
+    # Untrained, every score is the same (the head's last layer starts at zero): the own-options loss
+    # is the mean log k, the bank's log N, so the bank adds exactly its weight times log N.
+    with torch.no_grad():
+        base, both = own.loss(own.collate(rows)), banked.loss(batch)
+    assert float(both - base) == pytest.approx(0.5 * np.log(len(texts)), rel=1e-5)

@@ -1,0 +1,55 @@
+"""The `tiny` model's text side: words, hashed character n-grams (fastText-style) and base text weights.
+
+A text becomes a bag of ids: each word's vocabulary id (when the training records had it) plus the
+buckets of its character n-grams, which sit after the vocabulary in one embedding table. A word the
+model never saw is still its n-grams, so an unseen option is scored by its text, not as one UNK.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import torch
+
+PAD, UNK = "<pad>", "<unk>"
+_WORD = re.compile(r"[a-z0-9]+")
+# The Med-MAT prompt's last line is the same in every record: it carries no information.
+_INSTRUCTION = "answer with the option's letter from the given choices directly"
+
+
+def tokenize(text: str) -> list[str]:
+    return _WORD.findall(str(text).lower().replace(_INSTRUCTION, " "))
+
+
+def char_ngrams(word: str, lo: int, hi: int) -> list[str]:
+    """fastText's n-grams of "<word>" (the brackets mark the word's edges: "<co" is a prefix)."""
+    w = f"<{word}>"
+    return [w[i : i + n] for n in range(lo, hi + 1) for i in range(len(w) - n + 1)]
+
+
+def text_ids(text: str, word_index: dict[str, int], buckets: int, lo: int, hi: int) -> list[int]:
+    """Word ids, plus each word's hashed n-gram buckets (ids after the vocabulary). A word outside
+    the vocabulary is its n-grams alone (UNK only in the word-only model, `buckets` = 0)."""
+    base, ids = len(word_index), []
+    for w in tokenize(text):
+        wid = word_index.get(w)
+        if not buckets:
+            ids.append(1 if wid is None else wid)
+            continue
+        if wid is not None:
+            ids.append(wid)
+        # crc32, not hash(): Python salts str hashes per process, buckets must survive save/load
+        ids += [base + zlib.crc32(g.encode()) % buckets for g in char_ngrams(w, lo, hi)]
+    return ids or [1]  # an empty bag would embed to zero; UNK at least is learned
+
+
+def fixed_text_table(vocab: list[str], buckets: int, dim: int, std: float, seed: int) -> torch.Tensor:
+    """Base text weights: each row a function of (seed, its word or bucket), not of its position."""
+    table = torch.empty(len(vocab) + buckets, dim)
+    table[len(vocab):] = torch.randn(buckets, dim, generator=torch.Generator().manual_seed(seed)) * std
+    for i, word in enumerate(vocab):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(word.encode()))
+        table[i] = torch.randn(dim, generator=g) * std
+    table[0] = 0.0  # padding
+    return table
