@@ -1,0 +1,119 @@
+"""The negative control replicated over entangled worlds (opt-in: not a `dvc repro` stage).
+
+One entangled world cannot carry the equivalence claim: its Trained models map each unseen look of a
+target as a whole to some learned label, so a world gives about ten independent draws (its targets'
+labels), and the report's control interval, which resamples questions, leaves out the spread between
+worlds. Here the world is the unit of replication. World i is Med-MAT-mini --entangled with synth seed
+`synth.seed + i` (world 0 is the control stage's own world), generated, ingested and designed exactly
+like the control stage (medmat.control), and its Table-3 cells run through the study's own units
+(medmat.pipeline.run_study: MLflow runs, resume, shared units) with `--seeds` training seeds. Each
+world's mean Trained - Baseline+ gap over its rows is one value; the claim is the Student-t interval of
+their mean, and it passes only inside the report's equivalence band (`report.control_band`).
+
+    python -m medmat.control_worlds --worlds 20 [--seeds 1] [--out work/control-worlds] [--keep-images]
+
+Interrupted, it resumes: a world whose table and designs exist is not regenerated, and finished units
+are not retrained. A world's 21k images are removed once its units are done (they are regenerated,
+byte-identical, if a later run needs them), unless --keep-images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medmat.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("medmat.control_worlds")
+
+
+def world_params(params: str, seed_offset: int, seeds: int) -> dict[str, Any]:
+    """The study's params with the synth seed moved by `seed_offset` and `seeds` training seeds."""
+    raw = yaml.safe_load(Path(params).read_text(encoding="utf-8"))
+    raw["synth"] = {**raw.get("synth", {}), "seed": int(raw.get("synth", {}).get("seed", 0)) + seed_offset}
+    raw["experiment"] = {**raw["experiment"], "seeds": list(range(seeds)), "control": True}
+    return raw
+
+
+def run_world(root: Path, params: dict[str, Any], keep_images: bool) -> dict[str, Any]:
+    """Generate, ingest and design one entangled world under `root`, run its cells; its rows' gaps."""
+    from medmat.control import control_data
+    from medmat.pipeline import run_study
+
+    root.mkdir(parents=True, exist_ok=True)
+    params_path, out, images = root / "params.yaml", root / "control", root / "world"
+    atomic_write_text(params_path, yaml.safe_dump(params, sort_keys=False))
+    if not ((out / "records.parquet").exists() and (out / "designs").exists()):
+        control_data(out=str(out), params=str(params_path), world=str(images))
+    cells = run_study(world="control", params=str(params_path), records=str(out / "records.parquet"),
+                      designs_dir=str(out / "designs"), runs_root=str(root / "runs"),
+                      metrics_root=str(root / "metrics"))
+    if not keep_images:
+        shutil.rmtree(images, ignore_errors=True)
+    rows = {}  # "<target>/<combination>": Trained - Baseline+ (points)
+    for target, arms in sorted(cells.items()):
+        for arm, cell in sorted(arms.items()):
+            combination, _, kind = arm.rpartition("/")
+            if kind == "related":
+                rows[f"{target}/{combination}"] = round(cell["acc"] - arms[f"{combination}/baseline_plus"]["acc"], 2)
+    return {"synth_seed": params["synth"]["seed"], "rows": rows,
+            "mean_gap": round(statistics.mean(rows.values()), 2) if rows else None}
+
+
+def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", params: str = "params.yaml",
+              keep_images: bool = False) -> dict[str, Any]:
+    """Run `worlds` entangled worlds; write and return the pooled equivalence test (summary.json)."""
+    from medmat.config import load_section
+    from medmat.report.build import ReportConfig
+    from medmat.stats import equivalence, t_interval
+
+    band = load_section(ReportConfig, "report", params).control_band
+    per_world = []
+    for i in range(worlds):
+        per_world.append(run_world(Path(out) / f"w{i}", world_params(params, i, seeds), keep_images))
+        log.info("world %d of %d (synth seed %d): mean gap %+.1f over %d rows", i + 1, worlds,
+                 per_world[-1]["synth_seed"], per_world[-1]["mean_gap"], len(per_world[-1]["rows"]))
+    mean, lo, hi = t_interval([w["mean_gap"] for w in per_world])
+    summary = {"worlds": worlds, "seeds_per_world": seeds, "band": band, "mean_gap": round(mean, 2),
+               "lo": None if lo != lo else round(lo, 2), "hi": None if hi != hi else round(hi, 2),
+               "sd_between_worlds": round(statistics.stdev([w["mean_gap"] for w in per_world]), 2) if worlds > 1 else None,
+               "equivalent": equivalence(lo, hi, band), "per_world": per_world}
+    atomic_write_json(Path(out) / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(prog="python -m medmat.control_worlds", description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, default=20, help="entangled worlds (synth seeds synth.seed + 0..N-1)")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per world")
+    parser.add_argument("--out", default="work/control-worlds")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--keep-images", action="store_true", help="keep each world's images after its units")
+    args = parser.parse_args(argv)
+    if args.worlds < 2 or args.seeds < 1:
+        parser.error("--worlds must be at least 2 (the spread between worlds is the point) and --seeds at least 1")
+    from medmat.config import ConfigError
+
+    try:
+        s = replicate(args.worlds, args.seeds, args.out, args.params, args.keep_images)
+    except (ConfigError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    verdict = "passed" if s["equivalent"] else "NOT passed"
+    print(f"negative control over {s['worlds']} entangled worlds ({s['seeds_per_world']} seed each): mean gap "
+          f"{s['mean_gap']:+.1f} points [{s['lo']:+.1f}, {s['hi']:+.1f}] (t over worlds; sd between worlds "
+          f"{s['sd_between_worlds']:.1f}); equivalence (inside ±{s['band']:g}): {verdict} -> {args.out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
