@@ -269,7 +269,9 @@ def test_pipeline_entry_points_mark_the_world(tmp_path):
     from medmat.data.records import read_records, world_of
 
     raw = {"synth": {"train_per_subset": 8, "test_per_subset": 4, "subsets": [5]}, "ingest": {"seed": 0}}
-    synth_world.generate_from_params(tmp_path / "data", raw, entangled=True)
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))  # JSON is YAML
+    synth_world.generate(tmp_path / "data", synth_world.world_params(tmp_path / "params.yaml", entangled=True),
+                         progress=False)
     assert json.loads((tmp_path / "data" / "MEDMAT_MINI.json").read_text())["entangled"] is True
     ingest_world(tmp_path / "data", tmp_path / "records.parquet", raw)
     assert world_of(tmp_path / "records.parquet") == "mini-entangled"

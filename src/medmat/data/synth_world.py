@@ -281,17 +281,6 @@ def params_from_args(args: argparse.Namespace) -> SynthParams:
     return from_dict(SynthParams, values, where=f"{args.params}: section 'synth'")
 
 
-def generate_from_params(out: str | os.PathLike, raw_params: dict | None = None, entangled: bool | None = None,
-                         progress: bool = False) -> dict:
-    """Generate with the `synth:` section of a params dict (pipeline stages); `entangled` overrides it."""
-    from medmat.config import from_dict
-
-    values = dict((raw_params or {}).get("synth") or {})
-    if entangled is not None:
-        values["entangled"] = entangled
-    return generate(out, from_dict(SynthParams, values, where="params: section 'synth'"), progress=progress)
-
-
 def world_params(params: str | os.PathLike = "params.yaml", entangled: bool | None = None) -> SynthParams:
     """The `synth:` section of a params file; `entangled` overrides it (the negative control's world is
     the main world's params with entangled looks)."""
