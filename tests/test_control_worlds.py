@@ -34,12 +34,18 @@ def test_worlds_are_pooled_as_units_and_a_rerun_trains_nothing(tmp_path):
     for i, world in enumerate(summary["per_world"]):
         metrics = out / f"w{i}" / "metrics" / "03" / "fixed_area-04-28"
         related, plus = (json.loads((metrics / f"{arm}.json").read_text()) for arm in ("related", "baseline_plus"))
+        baseline = json.loads((out / f"w{i}" / "metrics" / "03" / "baseline.json").read_text())
         assert related["n"] == plus["n"] == 1  # --seeds 1: one training seed per world
         assert world["rows"] == {"03/fixed_area-04-28": round(related["acc"] - plus["acc"], 2)}
+        assert world["rows_vs_baseline"] == {"03/fixed_area-04-28": round(related["acc"] - baseline["acc"], 2)}
         assert not (out / f"w{i}" / "world").exists()  # images removed once the world's units are done
     mean, lo, hi = t_interval([w["mean_gap"] for w in summary["per_world"]])
     assert (summary["mean_gap"], summary["lo"], summary["hi"]) == (round(mean, 2), round(lo, 2), round(hi, 2))
     assert summary["equivalent"] == equivalence(lo, hi, 5.0)
+    mean, lo, hi = t_interval([w["mean_gap_vs_baseline"] for w in summary["per_world"]])
+    vs = summary["vs_baseline"]
+    assert (vs["mean_gap"], vs["lo"], vs["hi"], vs["equivalent"]) == (round(mean, 2), round(lo, 2), round(hi, 2),
+                                                                       equivalence(lo, hi, 5.0))
     assert json.loads((out / "summary.json").read_text()) == summary
 
     stamps = {f: f.stat().st_mtime_ns for f in out.rglob("metrics.json")}
