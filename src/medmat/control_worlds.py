@@ -30,13 +30,15 @@ from typing import Any
 
 import yaml
 
+from medmat.config import ConfigError
 from medmat.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("medmat.control_worlds")
 
 
-def world_params(params: str, seed_offset: int, seeds: int) -> dict[str, Any]:
-    """The study's params with the synth seed moved by `seed_offset` and `seeds` training seeds."""
+def shifted_params(params: str, seed_offset: int, seeds: int) -> dict[str, Any]:
+    """The study's whole params file (a dict, written beside the world) with the synth seed moved by
+    `seed_offset` and `seeds` training seeds; medmat.data.synth_world.world_params reads its `synth:`."""
     raw = yaml.safe_load(Path(params).read_text(encoding="utf-8"))
     raw["synth"] = {**raw.get("synth", {}), "seed": int(raw.get("synth", {}).get("seed", 0)) + seed_offset}
     raw["experiment"] = {**raw["experiment"], "seeds": list(range(seeds)), "control": True}
@@ -66,8 +68,6 @@ def run_world(root: Path, params: dict[str, Any], keep_images: bool) -> dict[str
                 rows[f"{target}/{combination}"] = round(cell["acc"] - arms[f"{combination}/baseline_plus"]["acc"], 2)
                 vs_baseline[f"{target}/{combination}"] = round(cell["acc"] - arms["baseline"]["acc"], 2)
     if not rows:
-        from medmat.config import ConfigError
-
         raise ConfigError(f"{root}: this world builds no Table-3 row for experiment.targets")
     return {"synth_seed": params["synth"]["seed"], "rows": rows, "rows_vs_baseline": vs_baseline,
             "mean_gap": round(statistics.mean(rows.values()), 2),
@@ -93,7 +93,7 @@ def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", par
     band = load_section(ReportConfig, "report", params).control_band
     per_world = []
     for i in range(worlds):
-        per_world.append(run_world(Path(out) / f"w{i}", world_params(params, i, seeds), keep_images))
+        per_world.append(run_world(Path(out) / f"w{i}", shifted_params(params, i, seeds), keep_images))
         log.info("world %d of %d (synth seed %d): mean gap %+.1f over %d rows", i + 1, worlds,
                  per_world[-1]["synth_seed"], per_world[-1]["mean_gap"], len(per_world[-1]["rows"]))
     # The claim is against Baseline+, as in the report; against the untrained Baseline too, because
@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worlds < 2 or args.seeds < 1:
         parser.error("--worlds must be at least 2 (the spread between worlds is the point) and --seeds at least 1")
-    from medmat.config import ConfigError
-
     try:
         s = replicate(args.worlds, args.seeds, args.out, args.params, args.keep_images)
     except (ConfigError, FileNotFoundError) as exc:
