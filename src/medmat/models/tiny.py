@@ -53,7 +53,6 @@ from medmat.config import ConfigError, from_dict
 from medmat.models.tiny_text import PAD, UNK, fixed_text_table, text_ids, tokenize
 
 
-
 @dataclasses.dataclass
 class TinyConfig:
     """params.yaml `model.tiny`."""
@@ -156,7 +155,7 @@ class TinyVLM(nn.Module):
                     self.words.weight[0].zero_()  # padding
                 else:
                     self.words.weight.copy_(fixed_text_table(vocab, cfg.ngram_buckets, cfg.embed_dim,
-                                                              cfg.text_init_std, cfg.init_seed))
+                                                             cfg.text_init_std, cfg.init_seed))
                 # An untrained model has no preference: with the head's last layer and the option
                 # prior at zero every option scores the same, and the seeded tie-break guesses. A
                 # random network instead gave one favourite label for every question (exactly 1/k on
