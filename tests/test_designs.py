@@ -239,6 +239,20 @@ def test_baseline_plus_redistributes_then_reports_a_shortfall(cat):
     assert (c["matched"], c["shortfall"], c["selected_total"], c["baseline_plus_total"]) == (False, 10, 20, 10)
 
 
+def test_labels_seen_names_the_target_labels_each_arm_trained_on(cat):
+    """Which of the target's labels each arm's training answers name: only "Normal" crosses tasks in
+    this table, until subset 28's lesion records are relabelled with 03's lesion (another spelling)."""
+    t = resolve_target(3, cat)
+    df = _table(cat)
+    c = build_target(df, t, cfg(), ["fixed_area-04-28"], cat)["index"]["combinations"][0]
+    assert c["target_labels"] == ["Normal", "lesion3"]
+    assert c["labels_seen"] == {"related": ["Normal"], "baseline_plus": ["Normal"]}
+    lesion28 = (df["subset_no"] == 28) & (df["answer_text"] == "lesion28")
+    df.loc[lesion28, "answer_text"] = " LESION3"
+    c = build_target(df, t, cfg(), ["fixed_area-04-28"], cat)["index"]["combinations"][0]
+    assert c["labels_seen"] == {"related": ["Normal", "lesion3"], "baseline_plus": ["Normal"]}
+
+
 # ---- leakage -------------------------------------------------------------------------------------
 def test_near_hashes_pigeonhole_matches_brute_force():
     import numpy as np

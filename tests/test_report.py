@@ -145,6 +145,32 @@ def test_baseline_plus_above_chance_gets_its_caveat(study):
     assert "Baseline+ is above chance" in (study / "reports" / "report.md").read_text()
 
 
+def test_labels_seen_column_and_the_caveats_it_carries(study):
+    """Rows whose Related arm never trained on some target labels are counted, with the seed sds of both
+    kinds of rows as the table prints them; a degenerate Baseline+ that never saw the labels says so."""
+    path = study / "designs" / "03" / "index.json"
+    index = json.loads(path.read_text())
+    seen = {"fixed_area-04-28": (["A", "B", "C"], ["A"]), "fixed_task-28-05": (["A"], [])}
+    for c in index["combinations"]:
+        c["target_labels"] = ["A", "B", "C"]
+        c["labels_seen"] = dict(zip(("related", "baseline_plus"), seen[c["id"]]))
+    path.write_text(json.dumps(index))
+    write_arm(study / "runs", "03", "fixed_task-28-05/related", [0.35, 0.60, 0.40], seed=21)  # an unstable row
+    for combination in seen:  # Baseline+ answers by position: degenerate
+        write_arm(study / "runs", "03", f"{combination}/baseline_plus", [1 / 3] * 3, seed=22, letter="B")
+    build(study)
+    text = (study / "reports" / "report.md").read_text()
+    assert "| 3/3 / 1/3 |" in text and "| 1/3 / 0/3 |" in text
+    rows = {r["combination"]: r for r in csv.DictReader((study / "reports/plots/table3.csv").open())
+            if r["world"] == "main"}
+    partial, full = float(rows["fixed_task-28-05"]["trained_sd"]), float(rows["fixed_area-04-28"]["trained_sd"])
+    assert partial > 5 > full and rows["fixed_task-28-05"]["labels_seen_related"] == "1"
+    assert (f"In 1 of 2 rows the Related arm's training answers name only some of the target's labels" in text
+            and f"averages {partial:.1f} points there and {full:.1f} in the other 1" in text)
+    assert f"| {partial:.1f} | 1/3 / 0/3 |" in text                # the caveat's numbers are the table's
+    assert "Baseline+ is degenerate in 2 of 2 rows" in text and "name at most 1 of the target's labels" in text
+
+
 def test_figures_and_plot_data(study):
     summary = build(study)
     assert set(summary["figures"]) == {"table3.png", "scaleup.png", "limited.png", "search_history.png"}

@@ -63,8 +63,8 @@ def print_summary(phases: dict[str, float], t_total: float) -> None:
         print(f"negative control (entangled world): {s['control_mean_gap_pts']} points {s['control_gap_ci95_pts']}; "
               f"equivalent to 0 within the band: {s['control_equivalent']}")
         print(f"degenerate cells: {s['degenerate_cells']} (control world: {s.get('control_degenerate_cells', 0)}); "
-              f"largest seed sd of a Trained arm: "
-              f"{s['max_trained_seed_sd']} points")
+              f"largest seed sd of a Trained arm: {s['max_trained_seed_sd']} points; rows whose Related arm never "
+              f"trained on some target label: {s.get('main_rows_with_unseen_labels', 'n/a')}")
     print("time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     print(f"demo wall time: {t_total / 60:.1f} min (setup not included; see `make demo`'s first lines)")
     print("where to look:")

@@ -9,7 +9,9 @@ For a target (a subset), from the catalogue (`rules`) and the records table:
 - per selected Related combination: `related` (samples_per_subset from each member) and
   `baseline_plus` at exactly the Related arm's SELECTED total, from Unrelated subsets (a seeded draw
   per target; a member short of records passes its shortfall to the others: `mixture.allocate`);
-  the index says `matched: false` and by how much when even that cannot match;
+  the index says `matched: false` and by how much when even that cannot match, and which of the
+  target's labels each arm's training answers name (`labels_seen`): a model trained from scratch has
+  no name for a label it never saw answered;
 - scale-up arms (the paper's Figure 4) at exactly one total `scaleup_total` each, where the data allow;
 - limited target data (k target records + the companions of a Related combination or of its
   Baseline+) and in_distribution (the target's own training data: an upper bound).
@@ -145,6 +147,17 @@ def target_splits(records: pd.DataFrame, target: Target, dev_size: int, seed: in
     return {"dev": sorted(dev), "train": rest, "test": test}, dev_manifest
 
 
+def _answer_labels(records: pd.DataFrame, record_ids: list[str]) -> dict[str, str]:
+    """The labels these records ask for (their answers' texts), casefolded -> as first written."""
+    if "answer_text" not in records or not record_ids:
+        return {}
+    answers = records.loc[records["record_id"].astype(str).isin(set(record_ids)), "answer_text"].dropna()
+    out: dict[str, str] = {}
+    for text in answers.astype(str).str.strip():
+        out.setdefault(text.casefold(), text)
+    return out
+
+
 def _even(members: list[int], total: int) -> dict[str, int]:
     """Equal requests summing to at least `total` (the exact total is resolve_mixture's job)."""
     return {subset_key(no): math.ceil(total / len(members)) for no in members}
@@ -159,8 +172,17 @@ class _Arms:
     exclude: set[str]
     cfg: DesignsConfig
     head: dict[str, Any]
+    target_labels: dict[str, str] = dataclasses.field(default_factory=dict)  # casefolded -> as written
     files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     dropped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def labels_seen(self, man: dict[str, Any]) -> list[str]:
+        """The target's labels that some training record of manifest `man` has as its answer."""
+        if "answer_text" not in self.pool:
+            return []
+        chosen = self.pool[self.pool["record_id"].astype(str).isin(set(man["record_ids"]))]
+        answers = {str(a).strip().casefold() for a in chosen["answer_text"].dropna()}
+        return sorted(text for key, text in self.target_labels.items() if key in answers)
 
     def resolve(self, name: str, spec: dict[str, int], exact_total: int | None = None, **extra: Any) -> dict | None:
         """The manifest of arm `name`, or None with the reason in `dropped`."""
@@ -209,6 +231,8 @@ def _combination(b: _Arms, c: rules.Combination, unrelated: list[int], cat: Cata
         "arms": {a: f"{c.id}/{a}.json" for a in COMBINATION_ARMS},
         "selected_total": total, "baseline_plus_total": bp["total"], "matched": bool(bp["matched"]),
         "shortfall": int(bp["shortfall"]), "leakage_dropped": rel["leakage_dropped"] + bp["leakage_dropped"],
+        "target_labels": sorted(b.target_labels.values()),
+        "labels_seen": {"related": b.labels_seen(rel), "baseline_plus": b.labels_seen(bp)},
     }
 
 
@@ -260,7 +284,8 @@ def build_target(records: pd.DataFrame, target: Target, cfg: DesignsConfig, sele
     leaks = leaking_records(records, splits["dev"] + splits["test"], cfg.phash_distance)
     pool = records[(records["split"] == "train") & ~records["record_id"].astype(str).isin(set(splits["dev"]))]
     present = set(_subset_col(pool).dropna().astype(int))
-    b = _Arms(pool, set(leaks), cfg, {"target": target.label, "triplet": str(target.triplet)})
+    b = _Arms(pool, set(leaks), cfg, {"target": target.label, "triplet": str(target.triplet)},
+              target_labels=_answer_labels(records, splits["test"]))
 
     # Unrelated subsets in a seeded order per target: Baseline+ takes the first k, the same for every
     # combination and training seed of the target.

@@ -9,6 +9,7 @@ computed from these numbers, never written as fixed text.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from typing import Any
 
@@ -55,6 +56,7 @@ def table3(world: dict[str, dict[str, Any]], n_boot: int, seed: int) -> list[dic
                    "direction": combo.get("direction", ""), "related": combo.get("related", []),
                    "members": combo.get("members", {}), "paper": combo.get("paper"),
                    "matched": combo.get("matched", True), "shortfall": combo.get("shortfall", 0),
+                   "target_labels": combo.get("target_labels", []), "labels_seen": combo.get("labels_seen", {}),
                    "baseline": cell(base, n_boot, seed), "baseline_plus": cell(bp, n_boot, seed),
                    "trained": cell(rel, n_boot, seed),
                    "gap": _gap(rel, bp, n_boot, seed), "gap_baseline": _gap(rel, base, n_boot, seed),
@@ -125,11 +127,20 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
         out.append("Seed-to-seed sd of Trained above 5 points in " + ", ".join(
             f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f})" for r in wide) + ": these rows' gaps rest on "
             "unstable training; read their intervals, not their means.")
+    out += _unseen_labels(rows)
     flat = [r for r in rows if r["baseline_plus"] and r["baseline_plus"]["degenerate"]]
     if flat:
         out.append(f"Baseline+ is degenerate in {len(flat)} of {len(rows)} rows (reasons in the next caveat): in those "
                    "rows the gap is Trained over a baseline whose accuracy measures the procedure (one answer or "
                    "one letter whatever the image, or exactly chance), not over a model that reads the image.")
+        unnamed = [r for r in flat if (n := _seen(r, "baseline_plus")) is not None and n < len(r["target_labels"])]
+        if len(unnamed) == len(flat):
+            most = max(_seen(r, "baseline_plus") for r in flat)
+            out.append(f"In every one of those rows Baseline+'s training answers name at most {most} of the target's "
+                       "labels (column \"labels seen\"): Unrelated subsets share no task with the target, only a "
+                       "label such as \"Normal\" crosses tasks. A model trained from scratch has no name for the "
+                       "rest and gives one answer whatever the image; the paper's Baseline+ is a pretrained LLM "
+                       "that knows the label words.")
     scaleup = [f"{name.split('/', 1)[1].replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
                if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
     listed = [f"{world}: " + " | ".join(entries) for world, entries in
@@ -166,6 +177,39 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
         out.append(f"Only {max(seeds)} training seeds per cell: the bootstrap's seed stage draws from "
                    f"{max(seeds)} values, so intervals are approximate.")
     return out
+
+
+def _seen(row: dict[str, Any], arm: str) -> int | None:
+    """How many of the row's target labels `arm`'s training answers name (None: designs predate it)."""
+    seen = row.get("labels_seen", {}).get(arm)
+    return None if seen is None or not row.get("target_labels") else len(seen)
+
+
+def unseen_label_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose Related arm's training answers leave some of the target's labels unnamed."""
+    return [r for r in rows if (n := _seen(r, "related")) is not None and n < len(r["target_labels"])]
+
+
+def _unseen_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows whose Related arm never trained on some of the target's labels, and what that does to the
+    seed spread: which unseen look gets which unseen name is a guess the data do not decide."""
+    partial = unseen_label_rows(rows)
+    if not partial:
+        return []
+    known = [r for r in rows if _seen(r, "related") is not None and r["trained"]
+             and not math.isnan(r["trained"]["sd_seeds"])]
+    partial = [r for r in partial if r in known]
+    full = [r for r in known if r not in partial]
+    line = (f"In {len(partial)} of {len(rows)} rows the Related arm's training answers name only some of the "
+            "target's labels (column \"labels seen\"): a model trained from scratch has no name for the others, "
+            "so which of their looks it calls by which unseen name is a guess its data do not decide")
+    if full:
+        def mean_sd(rs: list[dict[str, Any]]) -> float:
+            return statistics.mean(r["trained"]["sd_seeds"] for r in rs)
+
+        line += (f"; Trained's seed sd (column \"T sd\") averages {mean_sd(partial):.1f} points there and "
+                 f"{mean_sd(full):.1f} in the other {len(full)}, whose training answers name every label")
+    return [line + "."]
 
 
 def _degenerate_cells(rows: list[dict[str, Any]]) -> list[str]:

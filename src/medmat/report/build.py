@@ -47,6 +47,17 @@ def _gap(g: dict | None) -> str:
     return "n/a" if not g else f"{g['gap']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}]"
 
 
+def _sd(c: dict | None) -> str:
+    return "n/a" if not c or math.isnan(c["sd_seeds"]) else f"{c['sd_seeds']:.1f}"
+
+
+def _labels_seen(row: dict) -> str:
+    k, seen = len(row["target_labels"]), row["labels_seen"]
+    if not k or not seen:
+        return "-"
+    return " / ".join(f"{len(seen.get(arm, []))}/{k}" for arm in ("related", "baseline_plus"))
+
+
 def _paper(p: dict | None, key: str) -> str:
     return "-" if not p else f"{p[key]:g}"
 
@@ -166,17 +177,21 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
           "One row per combination run. Paper = LLaVA-1.5-7B on real Med-MAT (the Med-MAT paper, Table 3); ours = "
           "this platform's model on this world. Gap = Trained - Baseline+ (paired two-stage bootstrap interval); "
           "✓ = Trained beats both Baseline and Baseline+ (the paper's convention); * = the gap's interval excludes 0.", "",
-          "| target | direction | Related | paper row | paper B / B+ / T | Baseline | Baseline+ | Trained | gap (pts) | |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "T sd = Trained's seed-to-seed sd (points); labels seen = how many of the target's labels the Related / "
+          "Baseline+ arm's training answers name (a model trained from scratch has no name for the others).", "",
+          "| target | direction | Related | paper row | paper B / B+ / T | Baseline | Baseline+ | Trained | T sd | "
+          "labels seen (T / B+) | gap (pts) | |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paper"]
         rel = ", ".join(f"{k} {v}" for k, v in r["members"].items()) or ", ".join(r["related"])
         L.append(f"| {r['target']} {r['triplet']} | {DIRECTION_NAMES.get(r['direction'], r['direction'])} | {rel} | "
                  f"{p['row'] if p else '-'} | {_paper(p, 'baseline')} / {_paper(p, 'baseline_plus')} / "
                  f"{_paper(p, 'trained')} | {_acc(r['baseline'])} | {_acc(r['baseline_plus'])} | {_acc(r['trained'])} | "
+                 f"{_sd(r['trained'])} | {_labels_seen(r)} | "
                  f"{_gap(r['gap'])}{'*' if r['significant'] else ''} | {'✓' if r['improves'] else '✗'} |")
     if not rows:
-        L.append("| (no Related runs found) | | | | | | | | | |")
+        L.append("| (no Related runs found) | | | | | | | | | | | |")
     dropped = [f"- {t}: {d.get('id', '?')}: {d.get('reason', '')}" for t, w in sorted(main.items())
                for d in w["index"].get("dropped", [])]
     if dropped:
@@ -247,6 +262,7 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
         "degenerate_cells": sum(bool(c and c["degenerate"]) for k, c in all_cells.items() if k.startswith("main/")),
         "control_degenerate_cells": sum(bool(c and c["degenerate"]) for k, c in all_cells.items()
                                         if k.startswith("control/")),
+        "main_rows_with_unseen_labels": len(analysis.unseen_label_rows(rows)),
         "max_trained_seed_sd": rnd(max((r["trained"]["sd_seeds"] for r in rows if r["trained"]
                                         and not math.isnan(r["trained"]["sd_seeds"])), default=math.nan)),
         "figures": figures,
