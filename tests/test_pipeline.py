@@ -12,7 +12,7 @@ import yaml
 
 from medmat.config import ConfigError
 from medmat.control import control_data
-from medmat.pipeline import plan_units
+from medmat.pipeline import identical_units, plan_units
 from medmat.runspec import load_study_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +105,31 @@ def test_the_control_world_plans_only_table3_arms_and_no_candidates(tmp_path):
                        runs_root="work/control_runs", world="mini-entangled", data_version="x", main_world=False)
     assert sorted(s.arm for s in specs) == ["baseline", "fixed_area-04-28/baseline_plus", "fixed_area-04-28/related"]
     assert not any(s.candidate for s in specs)
+
+
+def test_identical_units_are_shared_within_a_target_never_across_targets(tmp_path):
+    """04 and 05 have the same Related mixture (03 + 06): one training run would do, but each result is
+    an evaluation on its own target's test split, so only a target's own duplicates share it."""
+    study = load_study_params(write_params(tmp_path / "params.yaml", experiment={"seeds": [0, 1]}))
+    d = tmp_path / "designs"
+    for target in ("04", "05"):
+        combos = [{"id": cid, "direction": "fixed_modality", "related": ["03", "06"],
+                   "arms": {"related": f"{cid}/related.json", "baseline_plus": f"{cid}/baseline_plus.json"}}
+                  for cid in ("fixed_modality-03-06", "fixed_modality-03-06-again")]
+        for c in combos:
+            (d / target / c["id"]).mkdir(parents=True)
+            (d / target / c["id"] / "related.json").write_text(json.dumps({"sha256": "mixture-03-06"}))
+            (d / target / c["id"] / "baseline_plus.json").write_text(json.dumps({"sha256": f"unrelated-{target}"}))
+        (d / target / "index.json").write_text(json.dumps({"target": target, "triplet": "CT-x-y",
+                                                           "subset_no": int(target), "combinations": combos}))
+    specs = [s for t in ("04", "05") for s in plan_units(study, target=t, records="r.parquet", designs_dir=str(d),
+                                                           runs_root="runs", world="mini", data_version="v")]
+    run, same_as = identical_units(specs)
+    shared = {(specs[i].target, specs[i].arm, specs[i].seed): (specs[j].target, specs[j].arm) for i, j in same_as.items()}
+    assert all(target == source[0] for (target, _, _), source in shared.items())
+    # per target and seed: the second combination's Related and Baseline+ share the first's
+    assert len(shared) == 2 * 2 * 2 and len(run) == len(specs) - 8
+    assert shared[("05", "fixed_modality-03-06-again/related", 1)] == ("05", "fixed_modality-03-06/related")
 
 
 def test_control_data_disabled_writes_a_note(tmp_path):

@@ -171,15 +171,17 @@ def summarise_cells(specs: list[RunSpec], results: list[dict[str, Any]]) -> dict
 
 
 def identical_units(specs: list[RunSpec]) -> tuple[list[int], dict[int, int]]:
-    """Units that would train on the very same records with the same seed (e.g. the Baseline+ arms of
-    a target's combinations: one Unrelated pool, one total) are run once. Returns the indices to run
-    and, for each other unit, the index of the unit whose result it shares."""
+    """Units of one target that would train on the very same records with the same seed (e.g. the
+    Baseline+ arms of its combinations: one Unrelated pool, one total) are run once. Returns the indices
+    to run and, for each other unit, the index of the unit whose result it shares. Never across targets:
+    a result is an evaluation on its target's test split (04 and 05 both have the Related mixture
+    03 + 06, and 05 once got 04's accuracy)."""
     first: dict[tuple, int] = {}
     same_as: dict[int, int] = {}
     for i, spec in enumerate(specs):
         if spec.manifest is None:
             continue
-        key = (json.loads(Path(spec.manifest).read_text(encoding="utf-8")).get("sha256"), spec.seed)
+        key = (json.loads(Path(spec.manifest).read_text(encoding="utf-8")).get("sha256"), spec.seed, spec.target)
         if key[0] and key in first:
             same_as[i] = first[key]
         else:
