@@ -146,8 +146,8 @@ def test_baseline_plus_above_chance_gets_its_caveat(study):
 
 
 def test_labels_seen_column_and_the_caveats_it_carries(study):
-    """Rows whose Related arm never trained on some target labels are counted, with the seed sds of both
-    kinds of rows as the table prints them; a degenerate Baseline+ that never saw the labels says so."""
+    """Rows whose Related arm never trained on some target labels are counted, with Trained's accuracy
+    in both kinds of rows as the table prints it; a degenerate Baseline+ that never saw the labels says so."""
     path = study / "designs" / "03" / "index.json"
     index = json.loads(path.read_text())
     seen = {"fixed_area-04-28": (["A", "B", "C"], ["A"]), "fixed_task-28-05": (["A"], [])}
@@ -163,11 +163,12 @@ def test_labels_seen_column_and_the_caveats_it_carries(study):
     assert "| 3/3 / 1/3 |" in text and "| 1/3 / 0/3 |" in text
     rows = {r["combination"]: r for r in csv.DictReader((study / "reports/plots/table3.csv").open())
             if r["world"] == "main"}
-    partial, full = float(rows["fixed_task-28-05"]["trained_sd"]), float(rows["fixed_area-04-28"]["trained_sd"])
-    assert partial > 5 > full and rows["fixed_task-28-05"]["labels_seen_related"] == "1"
+    partial, full = float(rows["fixed_task-28-05"]["trained"]), float(rows["fixed_area-04-28"]["trained"])
+    assert partial < full and rows["fixed_task-28-05"]["labels_seen_related"] == "1"
+    assert float(rows["fixed_task-28-05"]["trained_sd"]) > 5 > float(rows["fixed_area-04-28"]["trained_sd"])
     assert (f"In 1 of 2 rows the Related arm's training answers name only some of the target's labels" in text
-            and f"averages {partial:.1f} points there and {full:.1f} in the other 1" in text)
-    assert f"| {partial:.1f} | 1/3 / 0/3 |" in text                # the caveat's numbers are the table's
+            and f"Trained averages {partial:.1f}% in those rows and {full:.1f}% in the other 1" in text)
+    assert f"| {partial:.1f} [" in text and "| 1/3 / 0/3 |" in text  # the caveat's numbers are the table's
     assert "Baseline+ is degenerate in 2 of 2 rows" in text and "name at most 1 of the target's labels" in text
 
 

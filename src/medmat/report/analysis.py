@@ -191,24 +191,20 @@ def unseen_label_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _unseen_labels(rows: list[dict[str, Any]]) -> list[str]:
-    """Rows whose Related arm never trained on some of the target's labels, and what that does to the
-    seed spread: which unseen look gets which unseen name is a guess the data do not decide."""
-    partial = unseen_label_rows(rows)
+    """Rows whose Related arm never trained on some of the target's labels, with Trained's accuracy in
+    them beside the rows whose training answers name every label."""
+    partial = [r for r in unseen_label_rows(rows) if r["trained"]]
     if not partial:
         return []
-    known = [r for r in rows if _seen(r, "related") is not None and r["trained"]
-             and not math.isnan(r["trained"]["sd_seeds"])]
-    partial = [r for r in partial if r in known]
-    full = [r for r in known if r not in partial]
+    full = [r for r in rows if r["trained"] and _seen(r, "related") is not None and r not in partial]
     line = (f"In {len(partial)} of {len(rows)} rows the Related arm's training answers name only some of the "
-            "target's labels (column \"labels seen\"): a model trained from scratch has no name for the others, "
-            "so which of their looks it calls by which unseen name is a guess its data do not decide")
+            "target's labels (column \"labels seen\"): a model trained from scratch has no name for the others")
     if full:
-        def mean_sd(rs: list[dict[str, Any]]) -> float:
-            return statistics.mean(r["trained"]["sd_seeds"] for r in rs)
+        def mean_acc(rs: list[dict[str, Any]]) -> float:
+            return statistics.mean(r["trained"]["acc"] for r in rs)
 
-        line += (f"; Trained's seed sd (column \"T sd\") averages {mean_sd(partial):.1f} points there and "
-                 f"{mean_sd(full):.1f} in the other {len(full)}, whose training answers name every label")
+        line += (f"; Trained averages {mean_acc(partial):.1f}% in those rows and {mean_acc(full):.1f}% in the other "
+                 f"{len(full)}, whose training answers name every label")
     return [line + "."]
 
 
