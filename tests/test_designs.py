@@ -356,6 +356,11 @@ def test_cli_list_and_bad_input(tmp_path, records, capsys):
     out = capsys.readouterr().out
     assert "* fixed_area-03-30" in out and "paper row 16: Baseline 30 / Baseline+ 21 / Trained 49" in out
     assert "modality_area: none (modality_area: modality X-ray is not tied to one area" in out
+    assert "target labels" not in out                  # without records nothing is said about labels
+    # with the records: how many of 28's labels (Normal, lesion28) the members' training records answer
+    args.records = str(rec)
+    assert run(args) == 0
+    assert "fixed_area-03-30" in (out := capsys.readouterr().out) and "names 1/2 target labels" in out
     args = argparse.Namespace(records=str(rec), targets="3", out=str(tmp_path / "o"), params=str(params), list=False,
                               combinations="fixed_area-04-99")
     assert run(args) == 2

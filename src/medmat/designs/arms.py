@@ -147,13 +147,12 @@ def target_splits(records: pd.DataFrame, target: Target, dev_size: int, seed: in
     return {"dev": sorted(dev), "train": rest, "test": test}, dev_manifest
 
 
-def _answer_labels(records: pd.DataFrame, record_ids: list[str]) -> dict[str, str]:
+def answer_labels(records: pd.DataFrame) -> dict[str, str]:
     """The labels these records ask for (their answers' texts), casefolded -> as first written."""
-    if "answer_text" not in records or not record_ids:
+    if "answer_text" not in records:
         return {}
-    answers = records.loc[records["record_id"].astype(str).isin(set(record_ids)), "answer_text"].dropna()
     out: dict[str, str] = {}
-    for text in answers.astype(str).str.strip():
+    for text in records["answer_text"].dropna().astype(str).str.strip():
         out.setdefault(text.casefold(), text)
     return out
 
@@ -178,10 +177,7 @@ class _Arms:
 
     def labels_seen(self, man: dict[str, Any]) -> list[str]:
         """The target's labels that some training record of manifest `man` has as its answer."""
-        if "answer_text" not in self.pool:
-            return []
-        chosen = self.pool[self.pool["record_id"].astype(str).isin(set(man["record_ids"]))]
-        answers = {str(a).strip().casefold() for a in chosen["answer_text"].dropna()}
+        answers = answer_labels(self.pool[self.pool["record_id"].astype(str).isin(set(man["record_ids"]))])
         return sorted(text for key, text in self.target_labels.items() if key in answers)
 
     def resolve(self, name: str, spec: dict[str, int], exact_total: int | None = None, **extra: Any) -> dict | None:
@@ -285,7 +281,7 @@ def build_target(records: pd.DataFrame, target: Target, cfg: DesignsConfig, sele
     pool = records[(records["split"] == "train") & ~records["record_id"].astype(str).isin(set(splits["dev"]))]
     present = set(_subset_col(pool).dropna().astype(int))
     b = _Arms(pool, set(leaks), cfg, {"target": target.label, "triplet": str(target.triplet)},
-              target_labels=_answer_labels(records, splits["test"]))
+              target_labels=answer_labels(records[records["record_id"].astype(str).isin(set(splits["test"]))]))
 
     # Unrelated subsets in a seeded order per target: Baseline+ takes the first k, the same for every
     # combination and training seed of the target.

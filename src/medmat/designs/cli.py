@@ -20,8 +20,8 @@ import pandas as pd
 from medmat.catalog import Catalog, load_catalog
 from medmat.config import ConfigError, from_dict, load_params
 from medmat.designs import rules
-from medmat.designs.arms import (DesignsConfig, Target, build_target, combinations, load_index, resolve_target,
-                                 select, write_json, write_target)
+from medmat.designs.arms import (DesignsConfig, Target, answer_labels, build_target, combinations, load_index,
+                                 resolve_target, select, write_json, write_target)
 
 # Columns the designs read (the rest of the table, question text included, is never loaded).
 COLUMNS = ("record_id", "subset_no", "split", "answer_text", "image_sha256", "image_phash")
@@ -109,9 +109,13 @@ def design_targets(records: str | os.PathLike | pd.DataFrame, out: str | os.Path
     return summary
 
 
-def list_lines(targets: list[Target], cfg: DesignsConfig, selection: Any, cat: Catalog) -> list[str]:
-    """`--list`: every valid combination per target; '*' marks those `selection` writes."""
+def list_lines(targets: list[Target], cfg: DesignsConfig, selection: Any, cat: Catalog,
+               table: pd.DataFrame | None = None) -> list[str]:
+    """`--list`: every valid combination per target; '*' marks those `selection` writes. With the records
+    `table`, how many of the target's labels (its test answers) the members' training records answer: a
+    model trained from scratch has no name for the others."""
     lines = [f"task taxonomy: {cfg.task_taxonomy}; selection: {selection}; * = written"]
+    labels = _labels_by_subset(table) if table is not None else None
     for t in targets:
         combos = combinations(t, cfg, cat)
         chosen = {c.id for c in select(combos, selection, t.label)}
@@ -129,12 +133,25 @@ def list_lines(targets: list[Target], cfg: DesignsConfig, selection: Any, cat: C
                     row = rules.paper_row(r)
                     paper += (f"  paper row {r}: Baseline {row.baseline:g} / Baseline+ {row.baseline_plus:g} / "
                               f"Trained {row.trained:g}")
-                lines.append(f" {'*' if c.id in chosen else ' '} {c.id:<28} [{'/'.join(c.roles)}] {members}{paper}")
+                named = ""
+                if labels is not None:
+                    wanted = labels.get((t.subset_no, "test"), {})
+                    have = set().union(*(labels.get((no, "train"), {}).keys() for no in c.related))
+                    named = f"  names {len(wanted.keys() & have)}/{len(wanted)} target labels"
+                lines.append(f" {'*' if c.id in chosen else ' '} {c.id:<28} [{'/'.join(c.roles)}] {members}{named}{paper}")
     return lines
 
 
+def _labels_by_subset(table: pd.DataFrame) -> dict[tuple[int, str], dict[str, str]]:
+    """(subset number, split) -> the labels its records answer (medmat.designs.arms.answer_labels)."""
+    subset = pd.to_numeric(table["subset_no"], errors="coerce")
+    return {(int(no), str(split)): answer_labels(group)
+            for (no, split), group in table.groupby([subset, table["split"]]) if pd.notna(no)}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--records", help="records table (medmat ingest); not needed with --list")
+    parser.add_argument("--records", help="records table (medmat ingest); with --list: also how many of each "
+                        "target's labels the combination's training records answer")
     parser.add_argument("--targets", help="comma-separated subset numbers or triplets, e.g. 3,28,6 "
                         "(default: experiment.targets of --params, so `dvc exp run -S experiment.targets=[...]` works)")
     parser.add_argument("--combinations", help="paper | all | comma-separated ids (default: experiment.combinations, "
@@ -155,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"medmat designs: {exc}")
         return 2
     if getattr(args, "list", False):
-        print("\n".join(list_lines(targets, cfg, selection, cat)))
+        try:
+            table = read_table(args.records) if args.records else None
+        except Exception as exc:  # noqa: BLE001 - any unreadable table is the user's input problem
+            print(f"medmat designs: cannot read records table {args.records}: {exc}")
+            return 2
+        print("\n".join(list_lines(targets, cfg, selection, cat, table)))
         return 0
     if not args.records or not args.out:
         print("medmat designs: --records and --out are required (unless --list)")
