@@ -172,6 +172,22 @@ def test_labels_seen_column_and_the_caveats_it_carries(study):
     assert "Baseline+ is degenerate in 2 of 2 rows" in text and "name at most 1 of the target's labels" in text
 
 
+def test_an_unstable_row_names_the_label_its_seeds_part_on(study):
+    """The seed-sd caveat says on which true label the seeds differ most, with each seed's count of
+    right answers there, as the predictions have them."""
+    write_arm(study / "runs", "03", "fixed_task-28-05/related", [0.35, 0.90, 0.40], seed=21)
+    build(study)
+    text = (study / "reports" / "report.md").read_text()
+    right = {}
+    for k in range(3):
+        for line in (study / "runs/03/fixed_task-28-05/related" / f"seed{k}" / "predictions.jsonl").read_text().splitlines():
+            p = json.loads(line)
+            right.setdefault(p["answer_text"], [0, 0, 0])[k] += p["correct"]
+    label = max(sorted(right), key=lambda lab: max(right[lab]) - min(right[lab]))
+    counts = ", ".join(map(str, right[label]))
+    assert f"03 fixed_task-28-05 (" in text and f': seeds right on {counts} of {N_Q // 3} "{label}"' in text
+
+
 def test_figures_and_plot_data(study):
     summary = build(study)
     assert set(summary["figures"]) == {"table3.png", "scaleup.png", "limited.png", "search_history.png"}

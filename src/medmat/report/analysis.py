@@ -125,8 +125,8 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             and r["trained"]["sd_seeds"] > 5]
     if wide:
         out.append("Seed-to-seed sd of Trained above 5 points in " + ", ".join(
-            f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f})" for r in wide) + ": these rows' gaps rest on "
-            "unstable training; read their intervals, not their means.")
+            f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f}{_seeds_differ_on(r['_pair'][0])})" for r in wide)
+            + ": these rows' gaps rest on unstable training; read their intervals, not their means.")
     out += _unseen_labels(rows)
     flat = [r for r in rows if r["baseline_plus"] and r["baseline_plus"]["degenerate"]]
     if flat:
@@ -218,6 +218,26 @@ def _degenerate_cells(rows: list[dict[str, Any]]) -> list[str]:
             rows_of.setdefault((r["target"], d), []).append(r["id"])
     return [f"{target} " + (f"{ids[0]} {d}" if len(ids) == 1 else f"{d.replace(':', f' (of {len(ids)} rows):', 1)}")
             for (target, d), ids in rows_of.items()]
+
+
+def _seeds_differ_on(arm: Arm) -> str:
+    """Where an unstable arm's seeds part: the true label whose count of right answers varies most
+    across seeds, those counts, and what the seeds answered instead."""
+    right: dict[str, list[int]] = {}
+    wrong: dict[str, Counter] = {}
+    for seed, preds in sorted(arm.predictions.items()):
+        for p in preds:
+            label = str(p.get("answer_text"))
+            counts = right.setdefault(label, [0] * len(arm.predictions))
+            counts[sorted(arm.predictions).index(seed)] += bool(p.get("correct"))
+            if not p.get("correct"):
+                wrong.setdefault(label, Counter())[str(p.get("predicted_text"))] += 1
+    if not right:
+        return ""
+    label = max(sorted(right), key=lambda lab: max(right[lab]) - min(right[lab]))
+    n = sum(1 for p in next(iter(arm.predictions.values())) if str(p.get("answer_text")) == label)
+    instead = f', otherwise mostly "{wrong[label].most_common(1)[0][0]}"' if wrong.get(label) else ""
+    return f': seeds right on {", ".join(map(str, right[label]))} of {n} "{label}"{instead}'
 
 
 def _label_of(arm: Arm) -> dict[str, str]:
