@@ -193,10 +193,11 @@ def unseen_label_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _unseen_labels(rows: list[dict[str, Any]]) -> list[str]:
     """Rows whose Related arm never trained on some of the target's labels, with Trained's accuracy in
     them beside the rows whose training answers name every label."""
-    partial = [r for r in unseen_label_rows(rows) if r["trained"]]
+    known = [r for r in rows if r["trained"] and _seen(r, "related") is not None]
+    partial = [r for r in known if _seen(r, "related") < len(r["target_labels"])]
+    full = [r for r in known if _seen(r, "related") == len(r["target_labels"])]
     if not partial:
         return []
-    full = [r for r in rows if r["trained"] and _seen(r, "related") is not None and r not in partial]
     line = (f"In {len(partial)} of {len(rows)} rows the Related arm's training answers name only some of the "
             "target's labels (column \"labels seen\"): a model trained from scratch has no name for the others")
     if full:
@@ -225,17 +226,17 @@ def _seeds_differ_on(arm: Arm) -> str:
     across seeds, those counts, and what the seeds answered instead."""
     right: dict[str, list[int]] = {}
     wrong: dict[str, Counter] = {}
-    for seed, preds in sorted(arm.predictions.items()):
-        for p in preds:
+    seeds = sorted(arm.predictions)
+    for i, seed in enumerate(seeds):
+        for p in arm.predictions[seed]:
             label = str(p.get("answer_text"))
-            counts = right.setdefault(label, [0] * len(arm.predictions))
-            counts[sorted(arm.predictions).index(seed)] += bool(p.get("correct"))
+            right.setdefault(label, [0] * len(seeds))[i] += bool(p.get("correct"))
             if not p.get("correct"):
                 wrong.setdefault(label, Counter())[str(p.get("predicted_text"))] += 1
     if not right:
         return ""
     label = max(sorted(right), key=lambda lab: max(right[lab]) - min(right[lab]))
-    n = sum(1 for p in next(iter(arm.predictions.values())) if str(p.get("answer_text")) == label)
+    n = sum(1 for p in arm.predictions[seeds[0]] if str(p.get("answer_text")) == label)
     instead = f', otherwise mostly "{wrong[label].most_common(1)[0][0]}"' if wrong.get(label) else ""
     return f': seeds right on {", ".join(map(str, right[label]))} of {n} "{label}"{instead}'
 
