@@ -149,10 +149,11 @@ def test_killed_search_resumes_without_lost_or_duplicated_trials(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    before = {t.number: (t.state, t.value, dict(t.params)) for t in _trials(storage, name)}
+    after_kill = _trials(storage, name)
+    before = {t.number: (t.state, t.value, dict(t.params)) for t in after_kill}
     assert before[killed_running][0] == TrialState.RUNNING  # the kill left a stale trial behind
     killed_params = before[killed_running][2]
-    mixture_fixed = search.MIXTURE in _trials(storage, name)[killed_running].user_attrs
+    mixture_fixed = search.MIXTURE in after_kill[killed_running].user_attrs
 
     out = _start(tmp_path, storage, name, n, delay=0.0)
     assert out.wait(timeout=120) == 0, out.stdout.read()

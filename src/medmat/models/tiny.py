@@ -50,7 +50,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from medmat.config import ConfigError, from_dict
-from medmat.models.tiny_text import PAD, UNK, fixed_text_table, text_ids, tokenize
+from medmat.models.tiny_text import (PAD, UNK, Encoded, bag_offsets, fixed_text_table, option_bank, text_ids,
+                                     tokenize)
 
 
 @dataclasses.dataclass
@@ -111,11 +112,6 @@ def _answer_index(row: dict) -> int:
 def _question(row: dict) -> str:
     q = row.get("question")
     return str(q) if q is not None and str(q) else str(row.get("question_choice", "")).split("\n", 1)[0]
-
-
-def _offsets(bags: list[torch.Tensor]) -> torch.Tensor:  # EmbeddingBag offsets: where each bag starts
-    lengths = torch.tensor([len(t) for t in bags], dtype=torch.long)
-    return torch.cumsum(lengths, 0) - lengths
 
 
 def _norm_layer(kind: str, c: int) -> nn.Module:
@@ -214,10 +210,10 @@ class TinyBackend:
         self.model = TinyVLM(cfg, self.vocab)
         # Decoded, resized images as uint8 (3, S, S), loaded once per run: every epoch reads the same PNGs.
         self._images: dict[str, torch.Tensor] = {}
-        # (question, options, answer) -> (question ids, option ids, answer index): a record's words are
+        # (question, options, answer) -> its Encoded ids (tiny_text.Encoded): a record's words are
         # tokenised once, not every epoch (this was a fifth of a training step's time). Keyed by the
         # text itself, not record_id: pyfunc inputs reuse ids like "input-0" for different questions.
-        self._encoded: dict[str, tuple] = {}
+        self._encoded: dict[tuple, Encoded] = {}
 
     # -- vocabulary -------------------------------------------------------------------------------
     def prepare_training(self, train_df, decode_images: bool = True) -> None:
@@ -276,45 +272,35 @@ class TinyBackend:
         return img
 
     # -- interface --------------------------------------------------------------------------------
-    def _encode(self, row: dict) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        """(question ids, each option's ids, answer index or -100) as tensors, built once per text."""
+    def _encode(self, row: dict) -> Encoded:
+        """The record's ids as tensors (and its options' keys), built once per text."""
         question, options = _question(row), _options(row)
         key = (question, tuple(options), row.get("answer_letter"))
         enc = self._encoded.get(key)
         if enc is None:
             label = _answer_index(row) if row.get("answer_letter") not in (None, "") else -100
-            ids = [torch.tensor(self._ids(t), dtype=torch.long) for t in (question, *options)]
-            enc = self._encoded[key] = (ids[0], ids[1:], label)
+            ids = [self._ids(t) for t in (question, *options)]
+            tensors = [torch.tensor(i, dtype=torch.long) for i in ids]
+            enc = self._encoded[key] = Encoded(tensors[0], tensors[1:], label, tuple(tuple(i) for i in ids[1:]))
         return enc
 
     def collate(self, rows: Iterable[dict]) -> dict[str, torch.Tensor]:
         rows = list(rows)
         encs = [self._encode(r) for r in rows]
-        k = max(len(e[1]) for e in encs)
+        k = max(len(e.options) for e in encs)
         pad = torch.zeros(1, dtype=torch.long)  # a missing option: PAD alone (masked out below)
-        questions = [q for q, _, _ in encs]
-        options = [opts[j] if j < len(opts) else pad for _, opts, _ in encs for j in range(k)]
+        questions = [e.question for e in encs]
+        options = [e.options[j] if j < len(e.options) else pad for e in encs for j in range(k)]
         return {  # one concatenation per field, in C: per-row Python lists cost a sixth of a training step
             "images": torch.stack([self.image_tensor(r) for r in rows]),
             "q_ids": torch.cat(questions),
-            "q_offsets": _offsets(questions),
+            "q_offsets": bag_offsets(questions),
             "o_ids": torch.cat(options),
-            "o_offsets": _offsets(options),
-            "o_mask": torch.tensor([[j < len(opts) for j in range(k)] for _, opts, _ in encs], dtype=torch.bool),
-            "labels": torch.tensor([label for _, _, label in encs]),
-            **(self._option_bank(encs) if self.cfg.batch_negatives else {}),
+            "o_offsets": bag_offsets(options),
+            "o_mask": torch.tensor([[j < len(e.options) for j in range(k)] for e in encs], dtype=torch.bool),
+            "labels": torch.tensor([e.label for e in encs]),
+            **(option_bank(encs) if self.cfg.batch_negatives else {}),
         }
-
-    @staticmethod
-    def _option_bank(encs: list[tuple]) -> dict[str, torch.Tensor]:
-        """The batch's distinct option texts, and where each record's answer sits among them."""
-        bank: dict[tuple, int] = {}
-        for _, opts, _ in encs:
-            for ids in opts:
-                bank.setdefault(tuple(ids.tolist()), len(bank))
-        bags = [torch.tensor(k, dtype=torch.long) for k in bank]
-        answers = [bank[tuple(opts[label].tolist())] if label >= 0 else -100 for _, opts, label in encs]
-        return {"bank_ids": torch.cat(bags), "bank_offsets": _offsets(bags), "bank_labels": torch.tensor(answers)}
 
     def _scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(

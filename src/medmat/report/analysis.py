@@ -194,7 +194,7 @@ def _unseen_labels(rows: list[dict[str, Any]]) -> list[str]:
     """Rows whose Related arm never trained on some of the target's labels, with Trained's accuracy in
     them beside the rows whose training answers name every label."""
     known = [r for r in rows if r["trained"] and _seen(r, "related") is not None]
-    partial = [r for r in known if _seen(r, "related") < len(r["target_labels"])]
+    partial = unseen_label_rows(known)
     full = [r for r in known if _seen(r, "related") == len(r["target_labels"])]
     if not partial:
         return []
