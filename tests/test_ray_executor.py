@@ -230,7 +230,8 @@ def test_a_unit_with_train_processes_2_trains_under_accelerate_launch(world, mon
 
 def _search_worker(storage: str, name: str, n_trials: int, markers: str) -> int:
     """One worker of a search on a cheap analytic objective (storage and recovery do not depend on what
-    the objective computes); it marks each trial it enters with its pid."""
+    the objective computes). The first trial of the study writes its pid and number to `markers`/first
+    and sleeps until killed."""
     import time
 
     from medmat import search
@@ -239,8 +240,12 @@ def _search_worker(storage: str, name: str, n_trials: int, markers: str) -> int:
     study = search.open_study(name, storage, "tpe", seed=os.getpid(), pruner_startup_trials=100)
 
     def evaluate(mixture, trial):
-        (Path(markers) / f"{os.getpid()}-{trial.number}").touch()
-        time.sleep(0.3)
+        try:  # the first trial any worker enters waits to be killed, so the kill cannot miss a short trial
+            with (Path(markers) / "first").open("x") as first:
+                first.write(f"{os.getpid()}-{trial.number}")
+            time.sleep(60)
+        except FileExistsError:
+            time.sleep(0.3)
         return 1.0 - abs(mixture.get("01", 0) - 400) / 800
 
     return search.run_worker(study, space, evaluate, n_trials, search.lock_path(storage, name), progress=False)
@@ -254,7 +259,6 @@ def test_search_workers_as_ray_tasks_lose_no_trial_when_one_is_killed(two_node_c
     import time
 
     import optuna
-    import psutil
     from optuna.trial import TrialState
     from ray import cloudpickle
 
@@ -268,14 +272,20 @@ def test_search_workers_as_ray_tasks_lose_no_trial_when_one_is_killed(two_node_c
     markers.mkdir()
     optuna.create_study(study_name=name, storage=storage, direction="maximize")
     killed: list[tuple[int, int]] = []
+    seen: list[str] = []  # what the watcher found, for the failure message
 
     def kill_first_worker_inside_a_trial():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            for marker in markers.iterdir():
-                pid, number = map(int, marker.name.split("-"))
-                if psutil.pid_exists(pid) and "medmat-search-worker" in " ".join(psutil.Process(pid).cmdline()):
+            first = markers / "first"
+            mark = first.read_text() if first.exists() else ""
+            if mark:  # the worker holding the first trial is inside it until killed
+                pid, number = map(int, mark.split("-"))
+                try:
                     os.kill(pid, 9)
+                except ProcessLookupError:
+                    seen.append(f"{mark} had ended")
+                else:
                     killed.append((pid, number))
                     return
             time.sleep(0.02)
@@ -288,7 +298,7 @@ def test_search_workers_as_ray_tasks_lose_no_trial_when_one_is_killed(two_node_c
             ran = wait()
     finally:
         watcher.join()
-    assert killed, "no worker was killed inside a trial"
+    assert killed, f"no worker was killed inside a trial; the watcher saw {seen[-5:]}"
     assert len(ran) == 2  # both tasks ended well: the killed one's through Ray's retry
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     states = [t.state for t in trials]
