@@ -4,7 +4,7 @@
 
 Steps: (1) generate Med-MAT-mini into data/ when it is absent and (re)create data.dvc with `dvc add data`
 (the world is byte-identical for a seed, so a fresh clone regenerates exactly the tracked version);
-(2) `dvc repro`, one stage group at a time (ingest, validate, designs, study, the entangled control,
+(2) `dvc repro`, one stage group at a time (ingest, validate, designs, pretrain, study, the entangled control,
 search, best, register, report), timing each; (3) print the headline, the time per phase and where
 to look.
 """
@@ -46,8 +46,8 @@ def ensure_data(data: Path, params: str) -> int:
 
 # Stage groups in data order: `dvc repro <group>` runs that group (and nothing upstream that is done),
 # so timing the groups one after the other gives the per-phase times the demo prints.
-PHASES = ("ingest", "validate", "designs", "study", "control-data", "control", "search", "best", "register",
-          "report")
+PHASES = ("ingest", "validate", "designs", "pretrain", "study", "control-data", "control", "search", "best",
+          "register", "report")
 
 
 def print_summary(phases: dict[str, float], t_total: float) -> None:

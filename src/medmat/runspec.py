@@ -24,6 +24,7 @@ from typing import Any
 
 from medmat.config import ConfigError, from_dict, load_params
 from medmat.experiment import ExperimentConfig
+from medmat.models import start_weights_sha256
 
 # Arms that train on the target's own records (never registry candidates, never "CG").
 TARGET_DATA_ARMS = ("in_distribution", "limited", "scaleup/all_data")
@@ -121,6 +122,7 @@ class RunSpec:
             "manifest": manifest_hash, "dev": dev_hash, "records": _file_sha256(self.records),
             "train": dataclasses.asdict(self.params.train) if self.manifest else None,
             "model": dataclasses.asdict(self.params.model), "evaluate": dataclasses.asdict(self.params.evaluate),
+            "start_weights": start_weights_sha256(self.params.model),
             "code": code_version(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -38,6 +38,7 @@ import numpy as np
 from medmat.config import ConfigError
 from medmat.checkpoints import STATE_FILE, checkpoints, replace_dir
 from medmat.io import atomic_write_json
+from medmat.models import start_weights_sha256
 from medmat.schedule import TrainOrder, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ def fingerprint(train_cfg: TrainConfig, model_cfg, record_ids: list[str]) -> str
     keep = dataclasses.asdict(train_cfg)
     for k in ("eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "progress"):
         keep.pop(k)
-    blob = json.dumps([keep, dataclasses.asdict(model_cfg), sorted(map(str, record_ids))], sort_keys=True, default=str)
+    start = start_weights_sha256(model_cfg)
+    blob = json.dumps([keep, dataclasses.asdict(model_cfg), start, sorted(map(str, record_ids))], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -233,11 +235,8 @@ def train_model(
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_cfg.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(train_cfg.warmup_steps, total, train_cfg.min_lr_ratio)
-    )
+        lr=train_cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg.warmup_steps, total, train_cfg.min_lr_ratio))
     model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
     backend.model = model  # the backend's loss() now runs through the (possibly DDP-wrapped) module
 

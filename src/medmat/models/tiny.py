@@ -1,4 +1,4 @@
-"""`tiny`: a small vision-language model trained from scratch on the CPU.
+"""`tiny`: a small vision-language model trained on the CPU, its vision tower pretrained on generic shapes.
 
 Image side: a 3-stage CNN. Text side (medmat.models.tiny_text): a word vocabulary built from the
 training records plus hashed character n-grams (fastText-style, a fixed number of buckets),
@@ -14,25 +14,23 @@ Why these pieces:
   X-ray) is the same vector when it appears in another subset's options (CT) - the compositional path.
 - An option never seen in training is scored by its text, its n-grams ("tumor" in "Kidney Tumor"): with
   one UNK all unseen options tied, and Baseline+ measured the letter balance (exactly 1/k).
-- The untrained model (the paper's Baseline) has no preference: the joint head's last layer and the
-  option prior start at zero, so every option scores the same and the evaluator's seeded tie-break
-  guesses. A random network instead had one favourite label for every question: exactly 1/k on a
-  label-balanced test, on every seed.
-- Text embeddings start small (`text_init_std`) and every training seed starts from the same base
-  weights (`init_seed`), as the paper's three runs fine-tune one LLaVA-1.5 checkpoint: the seed varies
-  data order and augmentation, not the model. What an arm answers for a target label it never saw is
-  not determined by its data; with the init drawn by each seed it was drawn anew (default world, 3
-  seeds, 150 steps: 28 from 04 + 32 sd 10.6; shared init: 1.0). Each word's base vector depends on the
-  word, not on its place in the vocabulary.
+- The untrained model (the paper's Baseline) has no preference: the head's last layer and the option
+  prior start at zero, every option scores the same and the seeded tie-break guesses (a random network
+  had one favourite label for every question: exactly 1/k on a label-balanced test, every seed).
+- Text embeddings start small (`text_init_std`); every seed starts from the same base weights
+  (`init_seed`), as the paper's three runs fine-tune one checkpoint: the seed varies data order and
+  augmentation (with the init drawn per seed, answers for a label never seen were drawn anew: 28 from
+  04 + 32, seed sd 10.6; shared: 1.0). A word's base vector depends on the word, not its vocab slot.
+- `vision_init`: the vision tower (cnn, img_proj) starts from generic-shape pretraining (medmat.pretrain
+  has the figures), as LLaVA's CLIP saw general images first. From scratch, Baseline+ answered one label
+  for a whole unseen modality, and seeds parted on where a lesion starts to count.
 - `batch_negatives`: the answer must also beat the batch's other option texts (other subsets' labels,
-  CLIP-style), at 0.3 of the loss. Against its own options alone "Malignant" vs "Normal" is learned
-  as "any lesion": on world seed 1 Mic-Cell-Cancer (Benign vs Malignant) was answered inverted and
-  the mean Table-3 gap was -4.6 / -6.8 / -4.7 on base weights 0 / 1 / 2; at 0.3, +9.2 / +7.1 / +8.1,
-  the default world unchanged within its spread. At 1.0 the batch's other modalities taught "CT
+  CLIP-style), at 0.3 of the loss. Against its own options alone "Malignant" vs "Normal" is learned as
+  "any lesion" (world seed 1: Mic-Cell-Cancer answered inverted, mean Table-3 gap -4.6 / -6.8 / -4.7 on
+  base weights 0 / 1 / 2; at 0.3, +9.2 / +7.1 / +8.1). At 1.0 the batch's other modalities taught "CT
   never says COVID" (default world's gap +12, from +34).
-- `norm: group` (GroupNorm feature maps) is kept as an option: instance norm before the global pool
-  leaves each channel at zero mean, but measured on Med-MAT-mini it transferred better across
-  modalities than group norm (Related on CT-Lung-COVID, 3 seeds: 91 vs 86 %).
+- `norm: group` (GroupNorm) is kept as an option; instance norm transferred better across modalities
+  on Med-MAT-mini (Related on CT-Lung-COVID, 3 seeds: 91 vs 86 %).
 """
 
 from __future__ import annotations
@@ -74,6 +72,7 @@ class TinyConfig:
     norm: str = "instance"  # CNN feature-map normalisation: instance | group
     init_seed: int | None = 0  # the base weights every training seed starts from; None: the training seed draws them
     batch_negatives: float = 0.3  # weight of the loss against every option text in the batch (0 = off)
+    vision_init: str | None = None  # the pretrained vision tower every training run starts from (medmat.pretrain)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -227,6 +226,8 @@ class TinyBackend:
         self.vocab = [PAD, UNK] + words
         self.word_index = {w: i for i, w in enumerate(self.vocab)}
         self.model = TinyVLM(self.cfg, self.vocab)
+        if self.cfg.vision_init:
+            load_vision_tower(self.model, self.cfg.vision_init)
         self._encoded.clear()  # ids depend on the vocabulary just built
         for row in _iter_rows(train_df) if decode_images else ():  # now, not inside the training loop
             self.image_tensor(row)
@@ -346,6 +347,25 @@ class TinyBackend:
         cfg = dataclasses.asdict(self.cfg)
         cfg["channels"] = list(cfg["channels"])
         write_backend_file(out, "tiny", tiny=cfg)  # written last: its presence marks a complete save
+
+
+VISION_TOWER = ("cnn.", "img_proj.")  # the image side: what medmat.pretrain trains and every run starts from
+
+
+def vision_tower(model: TinyVLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(VISION_TOWER)}
+
+
+def load_vision_tower(model: TinyVLM, path: str) -> None:
+    """Start `model`'s vision tower from `path` (safetensors); the text side and the head stay as built."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ConfigError(f"model.tiny.vision_init: {path} does not exist (`dvc repro pretrain` writes it)")
+    state, want = load_file(path), vision_tower(model)
+    if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in want.items()}:
+        raise ConfigError(f"model.tiny.vision_init: {path} is for other model.tiny channels; `dvc repro pretrain`")
+    model.load_state_dict(state, strict=False)
 
 
 def _iter_rows(df) -> Iterable[dict]:
