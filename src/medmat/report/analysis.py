@@ -138,9 +138,10 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             most = max(_seen(r, "baseline_plus") for r in flat)
             out.append(f"In every one of those rows Baseline+'s training answers name at most {most} of the target's "
                        "labels (column \"labels seen\"): Unrelated subsets share no task with the target, only a "
-                       "label such as \"Normal\" crosses tasks. A model trained from scratch has no name for the "
-                       "rest and gives one answer whatever the image; the paper's Baseline+ is a pretrained LLM "
-                       "that knows the label words.")
+                       "label such as \"Normal\" crosses tasks. The tiny model learns a label's name only from "
+                       "training answers (only its vision tower is pretrained), has no name for the rest and "
+                       "gives one answer whatever the image; the paper's Baseline+ is a pretrained LLM that knows "
+                       "the label words.")
     scaleup = [f"{name.split('/', 1)[1].replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
                if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
     listed = [f"{world}: " + " | ".join(entries) for world, entries in
@@ -199,7 +200,7 @@ def _unseen_labels(rows: list[dict[str, Any]]) -> list[str]:
     if not partial:
         return []
     line = (f"In {len(partial)} of {len(rows)} rows the Related arm's training answers name only some of the "
-            "target's labels (column \"labels seen\"): a model trained from scratch has no name for the others")
+            "target's labels (column \"labels seen\"): the tiny model learns a name only from training answers")
     if full:
         def mean_acc(rs: list[dict[str, Any]]) -> float:
             return statistics.mean(r["trained"]["acc"] for r in rs)

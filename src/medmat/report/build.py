@@ -178,7 +178,7 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
           "this platform's model on this world. Gap = Trained - Baseline+ (paired two-stage bootstrap interval); "
           "✓ = Trained beats both Baseline and Baseline+ (the paper's convention); * = the gap's interval excludes 0.", "",
           "T sd = Trained's seed-to-seed sd (points); labels seen = how many of the target's labels the Related / "
-          "Baseline+ arm's training answers name (a model trained from scratch has no name for the others).", "",
+          "Baseline+ arm's training answers name (the tiny model learns a name only from training answers).", "",
           "| target | direction | Related | paper row | paper B / B+ / T | Baseline | Baseline+ | Trained | T sd | "
           "labels seen (T / B+) | gap (pts) | |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
