@@ -113,11 +113,19 @@ def test_a_missing_or_mismatched_tower_is_a_named_error(tmp_path, monkeypatch):
         backend.prepare_training(rows, decode_images=False)
 
 
-def test_pretrain_without_a_vision_init_says_so(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": {"backend": "tiny", "tiny": {}}}))
-    with pytest.raises(ConfigError, match="model.tiny.vision_init is not set"):
-        pretrain(str(path))
+def test_an_hf_model_or_a_tiny_model_from_scratch_pretrains_nothing(tmp_path, monkeypatch):
+    """configs/gpu.yaml sets `model: {backend: hf, tiny: {}}`: `dvc repro` must not stop at pretrain, and
+    nothing is trained; the stage's out exists (empty) so the study's dependency on it holds."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    for model in ({"backend": "hf", "tiny": {}, "hf": {"path": "checkpoints/x"}},
+                  {"backend": "tiny", "tiny": {"vision_init": None}}):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({"model": model}))
+        out = pretrain(str(path))
+        assert "skipped" in out and load_file("work/pretrain/vision.safetensors") == {}
+        assert json.loads(Path("work/pretrain/metrics.json").read_text()) == out
 
 
 def test_a_unit_is_another_unit_when_the_tower_changes(tmp_path, monkeypatch):

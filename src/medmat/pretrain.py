@@ -25,7 +25,9 @@ head start as before, so the untrained Baseline still has no preference.
 
 Writes the tower to `model.tiny.vision_init` (safetensors, atomically) and its dev accuracy per
 question to work/pretrain/metrics.json; the training run is logged to MLflow under
-`<tracking.experiment>-pretrain`, apart from the study's runs.
+`<tracking.experiment>-pretrain`, apart from the study's runs. With `model.backend: hf` (a checkpoint
+has its own tower) or `vision_init: null` (tiny from scratch) nothing is trained, and the stage leaves
+an empty tower at dvc.yaml's path so the pipeline's dependencies hold.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ PLACE_WORDS = ("centre", "upper left", "lower right", "upper right", "lower left
 NOTHING = "nothing"
 QUESTIONS = {"what": "What is shown in the image?", "where": "Where is the object?", "size": "How big is the object?"}
 METRICS = Path("work/pretrain/metrics.json")  # not a DVC metric: `dvc metrics show` keeps to the cells
+TOWER = "work/pretrain/vision.safetensors"  # dvc.yaml's out, written even when no arm starts from a tower
 assert len(SIZE_WORDS) == len(PATTERN_SIZES) and len(PLACE_WORDS) == len(PATTERN_POSITIONS)
 
 
@@ -137,9 +140,12 @@ def pretrain(params_path: str = "params.yaml") -> dict:
     cfg = from_dict(PretrainConfig, params.get("pretrain"), where=f"{params_path}: section 'pretrain'")
     model = model_config(params.get("model"), where=f"{params_path}: section 'model'")
     out = model.tiny.get("vision_init")
-    if model.backend != "tiny" or not out:
-        raise ConfigError(f"{params_path}: model.tiny.vision_init is not set (backend {model.backend!r}): "
-                          "nothing to pretrain")
+    if model.backend != "tiny" or not out:  # an hf checkpoint has its own tower; null: tiny from scratch
+        why = f"model.backend is {model.backend!r}" if model.backend != "tiny" else "model.tiny.vision_init is null"
+        log.info("pretrain: %s, so no arm starts from a pretrained tower; %s left empty", why, TOWER)
+        atomic_write_bytes(TOWER, save({}))
+        atomic_write_json(METRICS, {"skipped": why}, indent=2, sort_keys=True)
+        return {"skipped": why}
     scratch = dataclasses.replace(model, tiny={**model.tiny, "vision_init": None})  # this stage makes the tower
     train = from_dict(TrainConfig, {**(params.get("train") or {}), "max_steps": cfg.steps, "seed": cfg.seed,
                                     "eval_every": cfg.steps, "checkpoint_every": 0},
