@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medmat.data.images import ImageError, PathEscapeError, load_image, resolve_image_path, sha256_file
+from medmat.data.images import (ImageError, PathEscapeError, load_image, resolve_image_path, sha256_file,
+                                sha256_file_cached)
 
 
 @pytest.fixture
@@ -129,6 +130,15 @@ def test_sha256_file(tmp_path):
     p = tmp_path / "b.bin"
     p.write_bytes(b"abc" * 1000)
     assert sha256_file(p) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_sha256_file_cached_sees_a_rewritten_file(tmp_path):
+    """The cache is keyed by (path, size, mtime): a new tower or manifest under the same path is rehashed."""
+    p = tmp_path / "tower.bin"
+    p.write_bytes(b"old")
+    assert sha256_file_cached(p) == hashlib.sha256(b"old").hexdigest()
+    p.write_bytes(b"newer")
+    assert sha256_file_cached(p) == hashlib.sha256(b"newer").hexdigest()
 
 
 # ---- faithful decoding: more than 8 bits a sample -------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 from medmat.config import ConfigError, from_dict, load_params
 from medmat.experiment import ExperimentConfig
+from medmat.data.images import sha256_file_cached
 from medmat.models import start_weights_sha256
 
 # Arms that train on the target's own records (never registry candidates, never "CG").
@@ -115,11 +116,11 @@ class RunSpec:
 
     def fingerprint(self) -> str:
         """What decides a unit's result: a finished unit with the same fingerprint is not rerun."""
-        manifest_hash = _file_sha256(self.manifest) if self.manifest else "untrained"
-        dev_hash = _file_sha256(self.dev_manifest) if self.dev_manifest else ""
+        manifest_hash = sha256_file_cached(self.manifest) if self.manifest else "untrained"
+        dev_hash = sha256_file_cached(self.dev_manifest) if self.dev_manifest else ""
         payload = {
             "arm": self.arm, "seed": self.seed, "target": self.target, "world": self.world,
-            "manifest": manifest_hash, "dev": dev_hash, "records": _file_sha256(self.records),
+            "manifest": manifest_hash, "dev": dev_hash, "records": sha256_file_cached(self.records),
             "train": dataclasses.asdict(self.params.train) if self.manifest else None,
             "model": dataclasses.asdict(self.params.model), "evaluate": dataclasses.asdict(self.params.evaluate),
             "start_weights": start_weights_sha256(self.params.model),
@@ -144,22 +145,6 @@ def code_version() -> str:
                 h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
         code_version.value = h.hexdigest()[:16]
     return code_version.value
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, cached by (path, size, mtime) within the process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def require(condition: bool, message: str) -> None:

@@ -138,6 +138,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file_cached(path: str | os.PathLike) -> str:
+    """`sha256_file`, remembered within the process by (path, size, mtime): a study fingerprints the
+    same records table, manifests and start weights for every one of its units."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
 class PixelBudget:
     """Pixels being decoded at once, across threads: a thread waits while its image would take the
     total over the limit (an image over the limit on its own waits until it is alone). `peak` is the

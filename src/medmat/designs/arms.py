@@ -10,8 +10,8 @@ For a target (a subset), from the catalogue (`rules`) and the records table:
   `baseline_plus` at exactly the Related arm's SELECTED total, from Unrelated subsets (a seeded draw
   per target; a member short of records passes its shortfall to the others: `mixture.allocate`);
   the index says `matched: false` and by how much when even that cannot match, and which of the
-  target's labels each arm's training answers name (`labels_seen`): a model trained from scratch has
-  no name for a label it never saw answered;
+  target's labels each arm's training answers name (`labels_seen`): a model whose text side starts
+  untrained (the tiny one) has no name for a label it never saw answered;
 - scale-up arms (the paper's Figure 4) at exactly one total `scaleup_total` each, where the data allow;
 - limited target data (k target records + the companions of a Related combination or of its
   Baseline+) and in_distribution (the target's own training data: an upper bound).

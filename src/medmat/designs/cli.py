@@ -113,7 +113,7 @@ def list_lines(targets: list[Target], cfg: DesignsConfig, selection: Any, cat: C
                table: pd.DataFrame | None = None) -> list[str]:
     """`--list`: every valid combination per target; '*' marks those `selection` writes. With the records
     `table`, how many of the target's labels (its test answers) the members' training records answer: a
-    model trained from scratch has no name for the others."""
+    model whose text side starts untrained has no name for the others."""
     lines = [f"task taxonomy: {cfg.task_taxonomy}; selection: {selection}; * = written"]
     labels = _labels_by_subset(table) if table is not None else None
     for t in targets:

@@ -20,7 +20,6 @@ training, which is why `loss` must call `self.model(...)` rather than a bound mo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import os
@@ -70,13 +69,21 @@ def model_config(values: dict | ModelConfig | None, where: str = "model") -> Mod
 def start_weights_sha256(model_cfg: ModelConfig | dict) -> str | None:
     """sha256 of the file a fresh model's weights start from (tiny's `vision_init`), or None: a unit's
     result and a checkpoint's resume depend on those bytes, not only on the path in params."""
+    from medmat.data.images import sha256_file_cached
+
     cfg = model_config(model_cfg)
     path = cfg.tiny.get("vision_init") if cfg.backend == "tiny" else None
     if not path:
         return None
+    require_start_weights(path)
+    return sha256_file_cached(path)
+
+
+def require_start_weights(path: str | os.PathLike) -> None:
+    """ConfigError naming `path` and the stage that writes it, when the start weights are missing
+    (checked by the fingerprint before a model is built, and by the tiny backend when it loads them)."""
     if not Path(path).is_file():
         raise ConfigError(f"model.tiny.vision_init: {path} does not exist (`dvc repro pretrain` writes it)")
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def build(model_cfg: ModelConfig | dict, data_root: str | os.PathLike | None = None) -> Backend:

@@ -360,8 +360,8 @@ def load_vision_tower(model: TinyVLM, path: str) -> None:
     """Start `model`'s vision tower from `path` (safetensors); the text side and the head stay as built."""
     from safetensors.torch import load_file
 
-    if not Path(path).is_file():
-        raise ConfigError(f"model.tiny.vision_init: {path} does not exist (`dvc repro pretrain` writes it)")
+    from medmat.models import require_start_weights
+    require_start_weights(path)
     state, want = load_file(path), vision_tower(model)
     if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in want.items()}:
         raise ConfigError(f"model.tiny.vision_init: {path} is for other model.tiny channels; `dvc repro pretrain`")
