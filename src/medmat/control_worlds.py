@@ -98,9 +98,18 @@ def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", par
                  per_world[-1]["synth_seed"], per_world[-1]["mean_gap"], len(per_world[-1]["rows"]))
     # The claim is against Baseline+, as in the report; against the untrained Baseline too, because
     # a Baseline+ that answers one label can sit below chance in a world (0-3 % on 28 in 4 of 20).
+    # Per target (the mean of its rows in each world), pooled over worlds: a target's rows share its
+    # looks, so the target, not the row, is a world's independent draw; its spread between worlds says
+    # how many targets one world would need for its own interval to fit the band.
+    by_target: dict[str, list[float]] = {}
+    for w in per_world:
+        for target in sorted({row.split("/", 1)[0] for row in w["rows"]}):
+            by_target.setdefault(target, []).append(
+                statistics.mean(v for row, v in w["rows"].items() if row.split("/", 1)[0] == target))
     summary = {"worlds": worlds, "seeds_per_world": seeds, "band": band,
                **pooled([w["mean_gap"] for w in per_world], band),
-               "vs_baseline": pooled([w["mean_gap_vs_baseline"] for w in per_world], band), "per_world": per_world}
+               "vs_baseline": pooled([w["mean_gap_vs_baseline"] for w in per_world], band),
+               "per_target": {t: pooled(v, band) for t, v in by_target.items() if len(v) > 1}, "per_world": per_world}
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary
 
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['sd_between_worlds']:.1f}); equivalence (inside ±{s['band']:g}): {verdict}\n"
           f"against the untrained Baseline instead: {b['mean_gap']:+.1f} [{b['lo']:+.1f}, {b['hi']:+.1f}] "
           f"({'inside' if b['equivalent'] else 'not inside'} ±{s['band']:g}) -> {args.out}/summary.json")
+    for target, t in s["per_target"].items():
+        print(f"  target {target}: mean gap {t['mean_gap']:+.1f} [{t['lo']:+.1f}, {t['hi']:+.1f}], "
+              f"sd between worlds {t['sd_between_worlds']:.1f}")
     return 0
 
 
