@@ -75,6 +75,32 @@ def test_save_load_round_trip_and_unknown_words(world, tmp_path):
     assert not torch.allclose(emb("lung opacity"), emb("pneumonia"))  # two unseen labels, two vectors
 
 
+def test_options_of_words_never_trained_on_are_tied_and_guessed(world):
+    """Names the model never met tell apart only by hashed n-gram noise: they are tied (their mean
+    score) for the seeded tie-break; a name it met keeps its score, and so does one unknown name alone."""
+    from medmat.evaluate import evaluate_backend
+
+    train_df, _ = resolve_mixture(world, {"03": 60, "22": 60}, seed=2)
+    backend = train_model(TrainConfig(max_steps=20, checkpoint_every=0, progress=False), ModelConfig(), train_df).backend
+    known = [o for o in _test_rows(world, ["03"]).iloc[0]["options"]]
+    assert all(w in backend.word_index for o in known for w in tokenize(o))
+    rows = [{**r, "options": ["Qwxa Blorp", "Qwxb", known[0]], "answer_letter": "A"}
+            for r in _test_rows(world, ["03"]).head(6).to_dict("records")]
+    raw = torch.log_softmax(backend._scores(backend.collate(rows)), dim=1)
+    for s, r in zip(backend.score_options(rows), raw):
+        assert s[0] == s[1]  # exactly: the evaluation's tie-break sees a tie
+        assert s[2] != s[0] and abs(torch.logsumexp(torch.tensor(s), 0)) < 1e-5  # still log-probabilities
+    alone = [{**r, "options": ["Qwxa Blorp", *known[:2]]} for r in rows]
+    raw = torch.log_softmax(backend._scores(backend.collate(alone)), dim=1)
+    assert torch.allclose(torch.tensor(backend.score_options(alone)), raw)  # one unknown: nothing to tie
+    import pandas as pd
+
+    guessed = pd.DataFrame([{**r, "options": ["Qwxa", "Qwxb", "Qwxc"]} for r in
+                            _test_rows(world, ["03"]).to_dict("records")])
+    preds = evaluate_backend(backend, guessed, progress=False, seed=0).predictions
+    assert len({p["predicted_text"] for p in preds}) == 3  # guessed per question, not one favourite name
+
+
 def test_untrained_model_has_no_preference(world):
     """The paper's Baseline: every option scores the same, so the seeded tie-break guesses (never the
     first option, never one favourite label) and accuracy is chance with its sampling noise."""

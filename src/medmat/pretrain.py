@@ -11,8 +11,8 @@ tower (3000 steps on 16000 images, 78 s on 2 cores): seed sd at most 5.0 in all 
 the control -4.8 [-12.4, +1.8], the mean gap +29.1 instead of +36.8 (Baseline+ rose more than Trained:
 means over the rows 25.9 -> 36.6 against 62.8 -> 65.6; 28's Baseline+ reads "Normal" off the images
 on 2 of 3 seeds).
-Baseline+ stays degenerate where it has no name for the target's labels: a pretrained tower changes
-what the model sees, not what it can say.
+A pretrained tower changes what the model sees, not what it can say: names it never met in training
+answers stay unknown (medmat.models.tiny_text.tie_unknown_options ties them for the seeded guess).
 
 What the corpus holds, and why that is fair: generic objects - the shape kinds, sizes and places
 Med-MAT-mini draws its lesions with (medmat.data.synth.lesion), or none - on generic backgrounds (a

@@ -12,8 +12,8 @@ Why these pieces:
   instance-normalised.
 - Options are scored through shared text embeddings, so a label learned on one subset (say "covid" in
   X-ray) is the same vector when it appears in another subset's options (CT) - the compositional path.
-- An option never seen in training is scored by its text, its n-grams ("tumor" in "Kidney Tumor"): with
-  one UNK all unseen options tied, and Baseline+ measured the letter balance (exactly 1/k).
+- An option is scored by its text, n-grams included ("tumor" in "Kidney Tumor"); options holding no
+  training word are tied for the seeded tie-break (tiny_text.tie_unknown_options has the why).
 - The untrained model (the paper's Baseline) has no preference: the head's last layer and the option
   prior start at zero, every option scores the same and the seeded tie-break guesses (a random network
   had one favourite label for every question: exactly 1/k on a label-balanced test, every seed).
@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from medmat.config import ConfigError, from_dict
 from medmat.models.tiny_text import (PAD, UNK, Encoded, bag_offsets, fixed_text_table, option_bank, text_ids,
-                                     tokenize)
+                                     tie_unknown_options, tokenize)
 
 
 @dataclasses.dataclass
@@ -304,9 +304,7 @@ class TinyBackend:
         }
 
     def _scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(
-            batch["images"], batch["q_ids"], batch["q_offsets"], batch["o_ids"], batch["o_offsets"], batch["o_mask"]
-        )
+        return self.model(*(batch[k] for k in ("images", "q_ids", "q_offsets", "o_ids", "o_offsets", "o_mask")))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy over the options: the loss falls on the answer only. With `batch_negatives`,
@@ -325,7 +323,8 @@ class TinyBackend:
         was = self.model.training
         self.model.eval()
         try:
-            logp = torch.log_softmax(self._scores(self.collate(rows)), dim=1)
+            logp = torch.log_softmax(tie_unknown_options(self._scores(self.collate(rows)), [_options(r) for r in rows],
+                                                         self.word_index), dim=1)
         finally:
             self.model.train(was)
         return [logp[i, : len(_options(r))].tolist() for i, r in enumerate(rows)]

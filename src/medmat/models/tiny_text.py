@@ -85,3 +85,21 @@ def option_bank(encs: list[Encoded]) -> dict[str, torch.Tensor]:
                 bags.append(ids)
     answers = [bank[e.option_keys[e.label]] if e.label >= 0 else -100 for e in encs]
     return {"bank_ids": torch.cat(bags), "bank_offsets": bag_offsets(bags), "bank_labels": torch.tensor(answers)}
+
+
+def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], word_index: dict[str, int]) -> torch.Tensor:
+    """`scores` (B, K) with the options that hold no word of the training vocabulary set to their mean.
+
+    Such an option is a name the model never met in training: what tells two of them apart is the
+    random start of hashed n-gram buckets and their collisions with trained words, not anything learned.
+    Tied, they go to the evaluation's seeded random tie-break instead (a Baseline+ that knew none of a
+    target's names answered the one the hash favoured for every image: 'Malignant' for all of 06's
+    questions, 'Normal' for all of 03's; on `synth.seed: 1` Mic-Cell-Cancer's two unnamed labels were
+    swapped on every seed). Names it met keep their scores; one unknown name against them keeps its own."""
+    scores = scores.clone()
+    for i, opts in enumerate(options):
+        unknown = [j for j, o in enumerate(opts) if not any(w in word_index for w in tokenize(o))]
+        if len(unknown) > 1:
+            scores[i, unknown] = scores[i, unknown].mean()
+    return scores
+

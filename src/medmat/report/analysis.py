@@ -139,9 +139,9 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             out.append(f"In every one of those rows Baseline+'s training answers name at most {most} of the target's "
                        "labels (column \"labels seen\"): Unrelated subsets share no task with the target, only a "
                        "label such as \"Normal\" crosses tasks. The tiny model learns a label's name only from "
-                       "training answers (only its vision tower is pretrained), has no name for the rest and "
-                       "gives one answer whatever the image; the paper's Baseline+ is a pretrained LLM that knows "
-                       "the label words.")
+                       "training answers (only its vision tower is pretrained) and guesses among names it never "
+                       "met (they are tied), so one name it knows can win whatever the image; the paper's "
+                       "Baseline+ is a pretrained LLM that knows the label words.")
     scaleup = [f"{name.split('/', 1)[1].replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
                if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
     listed = [f"{world}: " + " | ".join(entries) for world, entries in
