@@ -172,6 +172,28 @@ def test_labels_seen_column_and_the_caveats_it_carries(study):
     assert "Baseline+ is degenerate in 2 of 2 rows" in text and "name at most 1 of the target's labels" in text
 
 
+def test_a_baseline_plus_that_guesses_as_the_baseline_is_named(study):
+    """Knowing none of the target's names, Baseline+ guesses with the Baseline's own seeded draws: the
+    report says why the two score the same, and says it only where they do."""
+    path = study / "designs" / "03" / "index.json"
+    index = json.loads(path.read_text())
+    for c in index["combinations"]:
+        c["target_labels"], c["labels_seen"] = ["A", "B", "C"], {"related": ["A"], "baseline_plus": []}
+    path.write_text(json.dumps(index))
+    write_arm(study / "runs", "03", "baseline", [0.3, 0.35, 0.32], seed=30)
+    build(study)
+    assert "scores exactly as the untrained Baseline" not in (study / "reports" / "report.md").read_text()
+    for combination in ("fixed_area-04-28", "fixed_task-28-05"):
+        write_arm(study / "runs", "03", f"{combination}/baseline_plus", [0.3, 0.35, 0.32], seed=30)
+    build(study)
+    text = (study / "reports" / "report.md").read_text()
+    line = next(x for x in text.splitlines() if "scores exactly as the untrained Baseline" in x)
+    acc = float(next(r for r in csv.DictReader((study / "reports/plots/table3.csv").open())
+                     if r["world"] == "main")["baseline_plus"])
+    shown = float(line.split("Baseline in 03 (", 1)[1].split("%", 1)[0])
+    assert abs(shown - acc) <= 0.05 + 1e-9  # the table's Baseline+ (csv at 2 decimals), not another number
+
+
 def test_an_unstable_row_names_the_label_its_seeds_part_on(study):
     """The seed-sd caveat says on which true label the seeds differ most, with each seed's count of
     right answers there, as the predictions have them."""

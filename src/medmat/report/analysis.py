@@ -128,6 +128,13 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f}{_seeds_differ_on(r['_pair'][0])})" for r in wide)
             + ": these rows' gaps rest on unstable training; read their intervals, not their means.")
     out += _unseen_labels(rows)
+    guessing = {r["target"]: r for r in rows if _seen(r, "baseline_plus") == 0 and r["baseline"] and r["baseline_plus"]
+                and r["baseline_plus"]["per_seed"] == r["baseline"]["per_seed"]}
+    if guessing:
+        out.append("Baseline+ names none of the target's labels and scores exactly as the untrained Baseline in "
+                   + ", ".join(f"{t} ({r['baseline_plus']['acc']:.1f}%)" for t, r in guessing.items())
+                   + ": every option is a name it never met, so it guesses each answer with the Baseline's "
+                   "own seeded draws (the tie-break is keyed by seed and question, not by arm).")
     flat = [r for r in rows if r["baseline_plus"] and r["baseline_plus"]["degenerate"]]
     if flat:
         out.append(f"Baseline+ is degenerate in {len(flat)} of {len(rows)} rows (reasons in the next caveat): in those "
