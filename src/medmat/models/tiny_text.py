@@ -94,12 +94,12 @@ def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], word_ind
     random start of hashed n-gram buckets and their collisions with trained words, not anything learned.
     Tied, they go to the evaluation's seeded random tie-break instead (a Baseline+ that knew none of a
     target's names answered the one the hash favoured for every image: 'Malignant' for all of 06's
-    questions, 'Normal' for all of 03's; on `synth.seed: 1` Mic-Cell-Cancer's two unnamed labels were
-    swapped on every seed). Names it met keep their scores; one unknown name against them keeps its own."""
+    questions, 'Normal' for all of 03's). Names it met keep their scores, and so does one unknown name
+    beside them (elimination). A word is known from any training text: "benign" of "Benign Naevus"
+    makes "Benign" known, though in Med-MAT-mini a look belongs to a whole label name."""
     scores = scores.clone()
     for i, opts in enumerate(options):
         unknown = [j for j, o in enumerate(opts) if not any(w in word_index for w in tokenize(o))]
         if len(unknown) > 1:
             scores[i, unknown] = scores[i, unknown].mean()
     return scores
-
