@@ -103,9 +103,11 @@ def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", par
     # how many targets one world would need for its own interval to fit the band.
     by_target: dict[str, list[float]] = {}
     for w in per_world:
-        for target in sorted({row.split("/", 1)[0] for row in w["rows"]}):
-            by_target.setdefault(target, []).append(
-                statistics.mean(v for row, v in w["rows"].items() if row.split("/", 1)[0] == target))
+        gaps_by_target: dict[str, list[float]] = {}
+        for row, gap in w["rows"].items():  # rows are "<target>/<combination>"
+            gaps_by_target.setdefault(row.split("/", 1)[0], []).append(gap)
+        for target, gaps in sorted(gaps_by_target.items()):
+            by_target.setdefault(target, []).append(statistics.mean(gaps))
     summary = {"worlds": worlds, "seeds_per_world": seeds, "band": band,
                **pooled([w["mean_gap"] for w in per_world], band),
                "vs_baseline": pooled([w["mean_gap_vs_baseline"] for w in per_world], band),
