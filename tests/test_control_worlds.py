@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,7 @@ from medmat.control_worlds import replicate
 from medmat.stats import equivalence, t_interval
 
 
-def test_worlds_are_pooled_as_units_and_a_rerun_trains_nothing(tmp_path):
+def test_worlds_are_pooled_as_units_and_a_rerun_trains_nothing(tmp_path, caplog):
     params = {
         "synth": {"train_per_subset": 40, "test_per_subset": 12, "image_size": 32, "subsets": [3, 4, 7, 22, 28]},
         "model": {"backend": "tiny", "tiny": {"image_size": 32}},
@@ -52,5 +53,12 @@ def test_worlds_are_pooled_as_units_and_a_rerun_trains_nothing(tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
 
     stamps = {f: f.stat().st_mtime_ns for f in out.rglob("metrics.json")}
+    caplog.set_level(logging.INFO, logger="medmat.data.synth_world")
     assert stamps and replicate(2, seeds=1, out=str(out), params=str(p)) == summary
     assert {f: f.stat().st_mtime_ns for f in out.rglob("metrics.json")} == stamps  # resumed: nothing retrained
+    assert "regenerating" not in caplog.text  # nor a finished world's images drawn again
+    assert not any((out / f"w{i}" / "world").exists() for i in (0, 1))
+
+    (out / "w1" / "runs" / "03" / "fixed_area-04-28" / "related" / "seed0" / "metrics.json").unlink()
+    assert replicate(2, seeds=1, out=str(out), params=str(p)) == summary  # one unit lost: its world redrawn
+    assert caplog.text.count("regenerating") == 1 and "w1" in caplog.text.split("regenerating")[0].splitlines()[-1]

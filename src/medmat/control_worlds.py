@@ -14,8 +14,8 @@ is printed against the untrained Baseline (the paper's Baseline), which no train
     python -m medmat.control_worlds --worlds 20 [--seeds 1] [--out work/control-worlds] [--keep-images]
 
 Interrupted, it resumes: a world whose table and designs exist is not regenerated, and finished units
-are not retrained. A world's 21k images are removed once its units are done (they are regenerated,
-byte-identical, if a later run needs them), unless --keep-images.
+are not retrained. A world's 21k images are removed once its units are done, unless --keep-images; they
+are drawn again, byte-identical, only when one of its units still has to train.
 """
 
 from __future__ import annotations

@@ -135,6 +135,7 @@ def run_study(*, targets: list | None = None, world: str = "main", params: str =
     study = load_study_params(params)  # first: a params problem stops before anything heavy is imported
     from medmat.data.records import world_of
     from medmat.ray_executor import dispatch
+    from medmat.unit import finished
 
     d_records, d_designs, d_runs, d_metrics = WORLDS[world]
     records, designs_dir = records or d_records, designs_dir or d_designs
@@ -143,16 +144,17 @@ def run_study(*, targets: list | None = None, world: str = "main", params: str =
     if world == "control" and not study.experiment.control:
         atomic_write_json(Path(runs_root) / "DISABLED.json", {"reason": "experiment.control is false"})  # a DVC out
         return _write_cells({}, metrics_root, note="experiment.control is false")
-    if world == "control":
-        from medmat.data.synth_world import regenerate_missing
-
-        regenerate_missing(records, params)  # its images are not a DVC output (see medmat.control)
     specs = [spec for t in labels
              for spec in plan_units(study, target=t, records=records, designs_dir=designs_dir, runs_root=runs_root,
                                     world=world_of(records), data_version=data_version_of(records),
                                     main_world=world == "main")]
     _parent_runs(specs)
     primaries, same_as = identical_units(specs)
+    if world == "control" and any(finished(specs[i]) is None for i in primaries):
+        from medmat.data.synth_world import regenerate_missing
+
+        # Its images are not a DVC output (see medmat.control); only a unit still to train reads them.
+        regenerate_missing(records, params)
     done = dict(zip(primaries, dispatch([specs[i] for i in primaries], study.experiment)))
     results = [done[i] if i in done else share_result(specs[i], specs[same_as[i]], done[same_as[i]])
                for i in range(len(specs))]
