@@ -75,7 +75,7 @@ def test_save_load_round_trip_and_unknown_words(world, tmp_path):
     assert not torch.allclose(emb("lung opacity"), emb("pneumonia"))  # two unseen labels, two vectors
 
 
-def test_options_of_words_never_trained_on_are_tied_and_guessed(world):
+def test_options_of_words_never_trained_on_are_tied_and_guessed(world, tmp_path):
     """Names the model never met tell apart only by hashed n-gram noise: they are tied (their mean
     score) for the seeded tie-break; a name it met keeps its score, and so does one unknown name alone."""
     from medmat.evaluate import evaluate_backend
@@ -93,6 +93,16 @@ def test_options_of_words_never_trained_on_are_tied_and_guessed(world):
     alone = [{**r, "options": ["Qwxa Blorp", *known[:2]]} for r in rows]
     raw = torch.log_softmax(backend._scores(backend.collate(alone)), dim=1)
     assert torch.allclose(torch.tensor(backend.score_options(alone)), raw)  # one unknown: nothing to tie
+    # A word met only in questions ("lung" of "this lung CT scan") was learned as context, not as an
+    # answer: an option holding it is still a name the model never met.
+    asked = sorted(w for w in backend.word_index if w not in backend.option_words and w.isalpha())
+    assert asked and all(w not in backend.option_words for o in ["Qwxa", "Qwxb"] for w in tokenize(o))
+    context = [{**r, "options": [f"{asked[0].title()} Qwxa", "Qwxb", known[0]]} for r in rows]
+    for s in backend.score_options(context):
+        assert s[0] == s[1] and s[2] != s[0]
+    reloaded = tmp_path / "model"
+    backend.save(reloaded)
+    assert load(reloaded).score_options(context) == backend.score_options(context)  # saved with the model
     import pandas as pd
 
     guessed = pd.DataFrame([{**r, "options": ["Qwxa", "Qwxb", "Qwxc"]} for r in

@@ -13,7 +13,7 @@ Why these pieces:
 - Options are scored through shared text embeddings, so a label learned on one subset (say "covid" in
   X-ray) is the same vector when it appears in another subset's options (CT) - the compositional path.
 - An option is scored by its text, n-grams included ("tumor" in "Kidney Tumor"); options holding no
-  training word are tied for the seeded tie-break (tiny_text.tie_unknown_options has the why).
+  word of a training option are tied for the seeded tie-break (tiny_text.tie_unknown_options has the why).
 - The untrained model (the paper's Baseline) has no preference: the head's last layer and the option
   prior start at zero, every option scores the same and the seeded tie-break guesses (a random network
   had one favourite label for every question: exactly 1/k on a label-balanced test, every seed).
@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,8 +49,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from medmat.config import ConfigError, from_dict
-from medmat.models.tiny_text import (PAD, UNK, Encoded, bag_offsets, fixed_text_table, option_bank, text_ids,
-                                     tie_unknown_options, tokenize)
+from medmat.models.tiny_text import (PAD, UNK, Encoded, answer_index, bag_offsets, fixed_text_table, option_bank,
+                                     row_options, row_question, text_ids, tie_unknown_options, tokenize)
 
 
 @dataclasses.dataclass
@@ -88,29 +89,6 @@ class TinyConfig:
 
 # Saved configs without these keys come from the word-only model: they load as they were trained.
 LEGACY = {"ngram_buckets": 0, "norm": "instance", "text_init_std": 1.0, "init_seed": None}
-
-
-def _options(row: dict) -> list[str]:
-    opts = row.get("options")
-    if opts is None:
-        raise ValueError(f"record {row.get('record_id', '?')}: no options")
-    return [str(o) for o in list(opts)]
-
-
-def _answer_index(row: dict) -> int:
-    letter = str(row.get("answer_letter", "")).strip().upper()
-    idx = ord(letter) - ord("A") if len(letter) == 1 else -1
-    if not 0 <= idx < len(_options(row)):
-        raise ValueError(
-            f"record {row.get('record_id', '?')}: answer letter {letter!r} is not one of its "
-            f"{len(_options(row))} options"
-        )
-    return idx
-
-
-def _question(row: dict) -> str:
-    q = row.get("question")
-    return str(q) if q is not None and str(q) else str(row.get("question_choice", "")).split("\n", 1)[0]
 
 
 def _norm_layer(kind: str, c: int) -> nn.Module:
@@ -201,11 +179,13 @@ class TinyBackend:
 
     name = "tiny"
 
-    def __init__(self, cfg: TinyConfig, data_root: str | os.PathLike | None = None, vocab: list[str] | None = None):
+    def __init__(self, cfg: TinyConfig, data_root: str | os.PathLike | None = None, vocab: list[str] | None = None,
+                 option_words: Iterable[str] | None = None):
         self.cfg = cfg
         self.data_root = Path(data_root) if data_root else None
         self.vocab = list(vocab) if vocab else [PAD, UNK]
         self.word_index = {w: i for i, w in enumerate(self.vocab)}
+        self.option_words = frozenset(option_words if option_words is not None else self.vocab)  # tie_unknown_options
         self.model = TinyVLM(cfg, self.vocab)
         # Decoded, resized images as uint8 (3, S, S), loaded once per run: every epoch reads the same PNGs.
         self._images: dict[str, torch.Tensor] = {}
@@ -218,13 +198,16 @@ class TinyBackend:
     def prepare_training(self, train_df, decode_images: bool = True) -> None:
         """Build the word vocabulary from the training records and a fresh model sized to it; with
         `decode_images`, decode the training images now (the untrained Baseline never trains: no need)."""
-        counts: dict[str, int] = {}
+        counts: Counter[str] = Counter()
+        option_words: set[str] = set()
         for row in _iter_rows(train_df):
-            for w in tokenize(_question(row)) + [t for o in _options(row) for t in tokenize(o)]:
-                counts[w] = counts.get(w, 0) + 1
+            in_options = [t for o in row_options(row) for t in tokenize(o)]
+            option_words.update(in_options)
+            counts.update(tokenize(row_question(row)) + in_options)
         words = sorted(w for w, n in counts.items() if n >= self.cfg.min_word_count)
         self.vocab = [PAD, UNK] + words
         self.word_index = {w: i for i, w in enumerate(self.vocab)}
+        self.option_words = frozenset(option_words & set(words))
         self.model = TinyVLM(self.cfg, self.vocab)
         if self.cfg.vision_init:
             load_vision_tower(self.model, self.cfg.vision_init)
@@ -275,11 +258,11 @@ class TinyBackend:
     # -- interface --------------------------------------------------------------------------------
     def _encode(self, row: dict) -> Encoded:
         """The record's ids as tensors (and its options' keys), built once per text."""
-        question, options = _question(row), _options(row)
+        question, options = row_question(row), row_options(row)
         key = (question, tuple(options), row.get("answer_letter"))
         enc = self._encoded.get(key)
         if enc is None:
-            label = _answer_index(row) if row.get("answer_letter") not in (None, "") else -100
+            label = answer_index(row) if row.get("answer_letter") not in (None, "") else -100
             ids = [self._ids(t) for t in (question, *options)]
             tensors = [torch.tensor(i, dtype=torch.long) for i in ids]
             enc = self._encoded[key] = Encoded(tensors[0], tensors[1:], label, tuple(tuple(i) for i in ids[1:]))
@@ -323,11 +306,11 @@ class TinyBackend:
         was = self.model.training
         self.model.eval()
         try:
-            logp = torch.log_softmax(tie_unknown_options(self._scores(self.collate(rows)), [_options(r) for r in rows],
-                                                         self.word_index), dim=1)
+            logp = torch.log_softmax(tie_unknown_options(self._scores(self.collate(rows)), [row_options(r) for r in rows],
+                                                         self.option_words), dim=1)
         finally:
             self.model.train(was)
-        return [logp[i, : len(_options(r))].tolist() for i, r in enumerate(rows)]
+        return [logp[i, : len(row_options(r))].tolist() for i, r in enumerate(rows)]
 
     def generate(self, rows: Iterable[dict]) -> list[str]:
         return [chr(ord("A") + int(np.argmax(s))) for s in self.score_options(rows)]
@@ -343,6 +326,7 @@ class TinyBackend:
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
         (out / "vocab.json").write_text(json.dumps(self.vocab), encoding="utf-8")
+        (out / "option_words.json").write_text(json.dumps(sorted(self.option_words)), encoding="utf-8")
         cfg = dataclasses.asdict(self.cfg)
         cfg["channels"] = list(cfg["channels"])
         write_backend_file(out, "tiny", tiny=cfg)  # written last: its presence marks a complete save
@@ -393,7 +377,9 @@ def load(model_dir: str | os.PathLike, data_root=None) -> TinyBackend:
         state = load_file(str(Path(model_dir) / "model.safetensors"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{model_dir}: incomplete tiny model ({exc.filename} missing)") from None
-    backend = TinyBackend(cfg, data_root=data_root, vocab=vocab)
+    words = Path(model_dir) / "option_words.json"  # saved before it: every vocabulary word counts
+    option_words = json.loads(words.read_text(encoding="utf-8")) if words.exists() else None
+    backend = TinyBackend(cfg, data_root=data_root, vocab=vocab, option_words=option_words)
     backend.model.load_state_dict(state)
     backend.model.eval()
     return backend

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
@@ -87,19 +88,48 @@ def option_bank(encs: list[Encoded]) -> dict[str, torch.Tensor]:
     return {"bank_ids": torch.cat(bags), "bank_offsets": bag_offsets(bags), "bank_labels": torch.tensor(answers)}
 
 
-def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], word_index: dict[str, int]) -> torch.Tensor:
-    """`scores` (B, K) with the options that hold no word of the training vocabulary set to their mean.
+def row_options(row: dict) -> list[str]:
+    """A record's option texts."""
+    opts = row.get("options")
+    if opts is None:
+        raise ValueError(f"record {row.get('record_id', '?')}: no options")
+    return [str(o) for o in list(opts)]
+
+
+def answer_index(row: dict) -> int:
+    """The position of a record's answer among its options (ValueError naming the record if none)."""
+    letter = str(row.get("answer_letter", "")).strip().upper()
+    idx = ord(letter) - ord("A") if len(letter) == 1 else -1
+    if not 0 <= idx < len(row_options(row)):
+        raise ValueError(
+            f"record {row.get('record_id', '?')}: answer letter {letter!r} is not one of its "
+            f"{len(row_options(row))} options"
+        )
+    return idx
+
+
+def row_question(row: dict) -> str:
+    """A record's question: `question`, else the first line of `question_choice`."""
+    q = row.get("question")
+    return str(q) if q is not None and str(q) else str(row.get("question_choice", "")).split("\n", 1)[0]
+
+
+def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], option_words: Collection[str]) -> torch.Tensor:
+    """`scores` (B, K) with the options that hold no word of a training option set to their mean.
 
     Such an option is a name the model never met in training: what tells two of them apart is the
     random start of hashed n-gram buckets and their collisions with trained words, not anything learned.
     Tied, they go to the evaluation's seeded random tie-break instead (a Baseline+ that knew none of a
     target's names answered the one the hash favoured for every image: 'Malignant' for all of 06's
     questions, 'Normal' for all of 03's). Names it met keep their scores, and so does one unknown name
-    beside them (elimination). A word is known from any training text: "benign" of "Benign Naevus"
-    makes "Benign" known, though in Med-MAT-mini a look belongs to a whole label name."""
+    beside them (elimination). Only option words count: a word met only in questions was learned as
+    context, not as an answer ("lung" of "this lung X-ray" made "Lung Opacity" the answer to every
+    Pneumonia image of 28 on all three seeds of a Related arm that named neither). A word of any
+    option does count: "benign" of "Benign Naevus" makes "Benign" known, though in Med-MAT-mini a look
+    belongs to a whole label name."""
     scores = scores.clone()
     for i, opts in enumerate(options):
-        unknown = [j for j, o in enumerate(opts) if not any(w in word_index for w in tokenize(o))]
+        unknown = [j for j, o in enumerate(opts) if not any(w in option_words for w in tokenize(o))]
         if len(unknown) > 1:
             scores[i, unknown] = scores[i, unknown].mean()
     return scores
