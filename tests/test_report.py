@@ -172,6 +172,25 @@ def test_labels_seen_column_and_the_caveats_it_carries(study):
     assert "Baseline+ is degenerate in 2 of 2 rows" in text and "name at most 1 of the target's labels" in text
 
 
+def test_guessed_column_counts_answers_the_tie_break_decided(study):
+    """% of Trained / Baseline+ answers whose best score was tied (read from raw_output), per row."""
+    tied, clear = json.dumps([-1.0986] * 3), json.dumps([-0.1, -2.5, -3.0])
+    for arm, every in (("fixed_area-04-28/baseline_plus", 2), ("fixed_area-04-28/related", 10)):
+        for seed_dir in (study / "runs" / "03" / arm).glob("seed*"):
+            preds = [json.loads(x) for x in (seed_dir / "predictions.jsonl").read_text().splitlines()]
+            for i, p in enumerate(preds):
+                p["raw_output"] = tied if i % every == 0 else clear
+            (seed_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    build(study)
+    lines = (study / "reports" / "report.md").read_text().splitlines()
+    header = next(line for line in lines if "guessed % (T / B+)" in line).split("|")
+    column = header.index(" guessed % (T / B+) ")
+    guessed = {line.split("|")[3].strip(): line.split("|")[column].strip() for line in lines
+               if line.startswith("| 03 ") and line.count("|") == len(header) - 1}
+    assert guessed == {"04 subset 04, 28 subset 28": "10 / 50",  # 21 and 105 of 210 answers, every seed
+                       "28 subset 28, 05 subset 05": "-"}  # no option scores (as with the generate scorer's text)
+
+
 def test_a_baseline_plus_that_guesses_as_the_baseline_is_named(study):
     """Knowing none of the target's names, Baseline+ guesses with the Baseline's own seeded draws: the
     report says why the two score the same, and says it only where they do."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from medmat.stats import (
     degenerate,
     degenerate_cell,
     equivalence,
+    guessed_share,
     mean_gap_bootstrap,
     paired_bootstrap_gap,
     t_interval,
@@ -109,6 +111,13 @@ def test_degenerate_flags_position_answers_and_exact_chance():
     assert degenerate(mostly, 3) is None  # 80% one label: it still looks at the image
     assert "1/4" in degenerate_cell([{"accuracy": 0.25}] * 3)
     assert degenerate_cell([{"accuracy": 0.25}, {"accuracy": 0.3}]) is None
+
+
+def test_guessed_share_counts_answers_whose_best_score_is_tied():
+    tied, clear = json.dumps([-1.0986, -1.0986, -1.0986]), json.dumps([-0.2, -1.9, -1.9])  # a tie below the best: decided
+    preds = {0: [{"raw_output": tied}] * 3 + [{"raw_output": clear}], 1: [{"raw_output": clear}] * 4}
+    assert guessed_share(preds) == 3 / 8
+    assert guessed_share([{"raw_output": "The answer is B."}, {"raw_output": ""}]) is None  # the generate scorer
 
 
 def test_tie_break_is_seeded_not_positional():

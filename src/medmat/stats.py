@@ -11,6 +11,7 @@ the same definitions:
 - `equivalence`: the negative control's test (an interval inside +-margin points).
 - `degenerate` / `degenerate_cell`: predictions that measure the procedure, not the data (one letter
   for most questions; every seed exactly at chance with zero variance).
+- `guessed_share`: how many answers the seeded tie-break decided (options the model cannot tell apart).
 
 Accuracies and gaps in the bootstrap functions are in percentage points; `wilson_ci` and `t_interval`
 work in whatever unit they are given.
@@ -249,6 +250,26 @@ def _at_chance(accs: Sequence[float], n_options: int | None) -> str | None:
         if abs(accs[0] - 1.0 / k) < 1e-9:
             return f"all {len(accs)} seeds score exactly 1/{k} = {100 / k:.1f}% (zero variance at chance)"
     return None
+
+
+def guessed_share(predictions: Mapping[Any, Iterable[Mapping]] | Iterable[Mapping]) -> float | None:
+    """Share of answers (0..1, over all seeds) that the seeded tie-break decided: the best score in
+    `raw_output` (the likelihood scorer's option scores, as written to 4 decimals) is held by two or
+    more options. None when no prediction carries option scores (the generate scorer)."""
+    import json
+
+    scored = tied = 0
+    for preds in _by_seed(predictions).values():
+        for p in preds:
+            try:
+                scores = json.loads(p.get("raw_output") or "")
+            except (TypeError, ValueError):
+                continue
+            if not isinstance(scores, list) or len(scores) < 2:
+                continue
+            scored += 1
+            tied += scores.count(max(scores)) > 1
+    return tied / scored if scored else None
 
 
 def degenerate_cell(cell_metrics: Sequence[Mapping], predictions: Mapping[Any, Iterable[Mapping]] | None = None,

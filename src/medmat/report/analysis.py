@@ -21,12 +21,14 @@ DIRECTION_NAMES = {"fixed_modality": "Fixed modality", "fixed_area": "Fixed area
 
 
 def cell(arm: Arm | None, n_boot: int, seed: int) -> dict[str, Any] | None:
-    """{"acc", "lo", "hi", "sd_seeds", "per_seed", "n_seeds", "degenerate": reason | None}."""
+    """{"acc", "lo", "hi", "sd_seeds", "per_seed", "n_seeds", "degenerate": reason | None,
+    "guessed": share of answers the tie-break decided | None}."""
     if arm is None:
         return None
     out = stats.accuracy_interval(arm.outcomes, n_boot=n_boot, seed=seed)
     out["n_seeds"] = len(arm.outcomes)
     out["degenerate"] = stats.degenerate(arm.predictions, arm.n_options)
+    out["guessed"] = stats.guessed_share(arm.predictions)
     return out
 
 

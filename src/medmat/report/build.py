@@ -51,6 +51,11 @@ def _sd(c: dict | None) -> str:
     return "n/a" if not c or math.isnan(c["sd_seeds"]) else f"{c['sd_seeds']:.1f}"
 
 
+def _guessed(row: dict) -> str:
+    shares = [(row[arm] or {}).get("guessed") for arm in ("trained", "baseline_plus")]
+    return "-" if all(g is None for g in shares) else " / ".join("-" if g is None else f"{100 * g:.0f}" for g in shares)
+
+
 def _labels_seen(row: dict) -> str:
     k, seen = len(row["target_labels"]), row["labels_seen"]
     if not k or not seen:
@@ -178,20 +183,22 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
           "this platform's model on this world. Gap = Trained - Baseline+ (paired two-stage bootstrap interval); "
           "✓ = Trained beats both Baseline and Baseline+ (the paper's convention); * = the gap's interval excludes 0.", "",
           "T sd = Trained's seed-to-seed sd (points); labels seen = how many of the target's labels the Related / "
-          "Baseline+ arm's training answers name (the tiny model learns a name only from training answers).", "",
+          "Baseline+ arm's training answers name (the tiny model learns a name only from training answers); "
+          "guessed = % of the Trained / Baseline+ answers the seeded tie-break decided (two or more options "
+          "scored the same best: names the model never met are tied).", "",
           "| target | direction | Related | paper row | paper B / B+ / T | Baseline | Baseline+ | Trained | T sd | "
-          "labels seen (T / B+) | gap (pts) | |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "labels seen (T / B+) | guessed % (T / B+) | gap (pts) | |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paper"]
         rel = ", ".join(f"{k} {v}" for k, v in r["members"].items()) or ", ".join(r["related"])
         L.append(f"| {r['target']} {r['triplet']} | {DIRECTION_NAMES.get(r['direction'], r['direction'])} | {rel} | "
                  f"{p['row'] if p else '-'} | {_paper(p, 'baseline')} / {_paper(p, 'baseline_plus')} / "
                  f"{_paper(p, 'trained')} | {_acc(r['baseline'])} | {_acc(r['baseline_plus'])} | {_acc(r['trained'])} | "
-                 f"{_sd(r['trained'])} | {_labels_seen(r)} | "
+                 f"{_sd(r['trained'])} | {_labels_seen(r)} | {_guessed(r)} | "
                  f"{_gap(r['gap'])}{'*' if r['significant'] else ''} | {'✓' if r['improves'] else '✗'} |")
     if not rows:
-        L.append("| (no Related runs found) | | | | | | | | | | | |")
+        L.append("| (no Related runs found) | | | | | | | | | | | | |")
     dropped = [f"- {t}: {d.get('id', '?')}: {d.get('reason', '')}" for t, w in sorted(main.items())
                for d in w["index"].get("dropped", [])]
     if dropped:
