@@ -50,6 +50,9 @@ def test_worlds_are_pooled_as_units_and_a_rerun_trains_nothing(tmp_path, caplog)
     mean, lo, hi = t_interval([w["rows"]["03/fixed_area-04-28"] for w in summary["per_world"]])
     target = summary["per_target"]["03"]  # one row of target 03: its mean is that row's gap
     assert (target["mean_gap"], target["lo"], target["hi"]) == (round(mean, 2), round(lo, 2), round(hi, 2))
+    mean, lo, hi = t_interval([w["rows_vs_baseline"]["03/fixed_area-04-28"] for w in summary["per_world"]])
+    target = summary["per_target_vs_baseline"]["03"]
+    assert (target["mean_gap"], target["lo"], target["hi"]) == (round(mean, 2), round(lo, 2), round(hi, 2))
     assert json.loads((out / "summary.json").read_text()) == summary
 
     stamps = {f: f.stat().st_mtime_ns for f in out.rglob("metrics.json")}

@@ -84,6 +84,21 @@ def pooled(values: list[float], band: float) -> dict[str, Any]:
             "equivalent": equivalence(lo, hi, band)}
 
 
+def per_target(per_world: list[dict[str, Any]], key: str, band: float) -> dict[str, dict[str, Any]]:
+    """Each target's gap (the mean of its rows in a world, from `key`: "rows" or "rows_vs_baseline"),
+    pooled over worlds like the whole gap. A target's rows share its looks, so the target, not the row,
+    is a world's independent draw; its spread between worlds says how many targets one world would need
+    for its own interval to fit the band."""
+    by_target: dict[str, list[float]] = {}
+    for w in per_world:
+        gaps_by_target: dict[str, list[float]] = {}
+        for row, gap in w[key].items():  # rows are "<target>/<combination>"
+            gaps_by_target.setdefault(row.split("/", 1)[0], []).append(gap)
+        for target, gaps in sorted(gaps_by_target.items()):
+            by_target.setdefault(target, []).append(statistics.mean(gaps))
+    return {t: pooled(v, band) for t, v in by_target.items() if len(v) > 1}
+
+
 def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", params: str = "params.yaml",
               keep_images: bool = False) -> dict[str, Any]:
     """Run `worlds` entangled worlds; write and return the pooled equivalence test (summary.json)."""
@@ -98,20 +113,11 @@ def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", par
                  per_world[-1]["synth_seed"], per_world[-1]["mean_gap"], len(per_world[-1]["rows"]))
     # The claim is against Baseline+, as in the report; against the untrained Baseline too, because
     # a Baseline+ that answers one label can sit below chance in a world (0-3 % on 28 in 4 of 20).
-    # Per target (the mean of its rows in each world), pooled over worlds: a target's rows share its
-    # looks, so the target, not the row, is a world's independent draw; its spread between worlds says
-    # how many targets one world would need for its own interval to fit the band.
-    by_target: dict[str, list[float]] = {}
-    for w in per_world:
-        gaps_by_target: dict[str, list[float]] = {}
-        for row, gap in w["rows"].items():  # rows are "<target>/<combination>"
-            gaps_by_target.setdefault(row.split("/", 1)[0], []).append(gap)
-        for target, gaps in sorted(gaps_by_target.items()):
-            by_target.setdefault(target, []).append(statistics.mean(gaps))
     summary = {"worlds": worlds, "seeds_per_world": seeds, "band": band,
                **pooled([w["mean_gap"] for w in per_world], band),
                "vs_baseline": pooled([w["mean_gap_vs_baseline"] for w in per_world], band),
-               "per_target": {t: pooled(v, band) for t, v in by_target.items() if len(v) > 1}, "per_world": per_world}
+               "per_target": per_target(per_world, "rows", band),
+               "per_target_vs_baseline": per_target(per_world, "rows_vs_baseline", band), "per_world": per_world}
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary
 
@@ -140,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
           f"against the untrained Baseline instead: {b['mean_gap']:+.1f} [{b['lo']:+.1f}, {b['hi']:+.1f}] "
           f"({'inside' if b['equivalent'] else 'not inside'} ±{s['band']:g}) -> {args.out}/summary.json")
     for target, t in s["per_target"].items():
+        tb = s["per_target_vs_baseline"][target]
         print(f"  target {target}: mean gap {t['mean_gap']:+.1f} [{t['lo']:+.1f}, {t['hi']:+.1f}], "
-              f"sd between worlds {t['sd_between_worlds']:.1f}")
+              f"sd between worlds {t['sd_between_worlds']:.1f}; against the Baseline {tb['mean_gap']:+.1f} "
+              f"[{tb['lo']:+.1f}, {tb['hi']:+.1f}]")
     return 0
 
 
