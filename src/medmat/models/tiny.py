@@ -12,8 +12,12 @@ Why these pieces:
   instance-normalised.
 - Options are scored through shared text embeddings, so a label learned on one subset (say "covid" in
   X-ray) is the same vector when it appears in another subset's options (CT) - the compositional path.
-- An option is scored by its text, n-grams included ("tumor" in "Kidney Tumor"); options holding no
-  word of a training option are tied for the seeded tie-break (tiny_text.tie_unknown_options has the why).
+- An option is scored by its text, n-grams included ("tumor" in "Kidney Tumor"). A name holding no
+  word of a training option is UNK, and several such names tie for the seeded tie-break
+  (tiny_text.tie_unknown_options has the why). `unknown_option_p`: training shows that share of option
+  names as UNK, so UNK learns "the answer is a name I don't know" and loses where the image fits a
+  known name. Scored against the mean of hashed-n-gram noise instead, the one name a Baseline+ knew
+  won every question on one seed (28's "Normal", 208 of 208).
 - The untrained model (the paper's Baseline) has no preference: the head's last layer and the option
   prior start at zero, every option scores the same and the seeded tie-break guesses (a random network
   had one favourite label for every question: exactly 1/k on a label-balanced test, every seed).
@@ -73,6 +77,7 @@ class TinyConfig:
     norm: str = "instance"  # CNN feature-map normalisation: instance | group
     init_seed: int | None = 0  # the base weights every training seed starts from; None: the training seed draws them
     batch_negatives: float = 0.3  # weight of the loss against every option text in the batch (0 = off)
+    unknown_option_p: float = 0.15  # train-time share of option names shown as UNK ("a name I don't know")
     vision_init: str | None = None  # the pretrained vision tower every training run starts from (medmat.pretrain)
 
     def __post_init__(self):
@@ -85,10 +90,13 @@ class TinyConfig:
             raise ValueError(f"norm must be group or instance, got {self.norm!r}")
         if self.text_init_std <= 0:
             raise ValueError("text_init_std must be > 0")
+        if not 0.0 <= self.unknown_option_p < 1.0:
+            raise ValueError(f"unknown_option_p must be in [0, 1), got {self.unknown_option_p}")
 
 
-# Saved configs without these keys come from the word-only model: they load as they were trained.
-LEGACY = {"ngram_buckets": 0, "norm": "instance", "text_init_std": 1.0, "init_seed": None}
+# Saved configs without these keys come from the word-only model, or (`unknown_option_p` alone) from
+# before names were hidden in training: they load as they were trained.
+LEGACY = {"ngram_buckets": 0, "norm": "instance", "text_init_std": 1.0, "init_seed": None, "unknown_option_p": 0.0}
 
 
 def _norm_layer(kind: str, c: int) -> nn.Module:
@@ -218,6 +226,13 @@ class TinyBackend:
     def _ids(self, text: str) -> list[int]:
         return text_ids(text, self.word_index, self.cfg.ngram_buckets, self.cfg.ngram_min, self.cfg.ngram_max)
 
+    def _option_ids(self, text: str) -> list[int]:
+        """An option's ids; a name with no word of a training option is UNK, the learned "a name I
+        don't know" (when training taught it: `unknown_option_p` > 0)."""
+        if self.cfg.unknown_option_p and not any(w in self.option_words for w in tokenize(text)):
+            return [1]
+        return self._ids(text)
+
     # -- images -----------------------------------------------------------------------------------
     def _image_path(self, row: dict) -> str:
         p = row.get("image_path")
@@ -236,14 +251,7 @@ class TinyBackend:
             key = path  # unreadable: load_image below reports it, naming the record
         img = self._images.get(key)
         if img is None:
-            try:
-                from medmat.data.images import load_image
-            except ImportError:  # data layer not installed alongside: plain PIL
-                from PIL import Image
-
-                def load_image(p):
-                    with Image.open(p) as im:
-                        return im.convert("RGB")
+            from medmat.data.images import load_image
 
             try:
                 pil = load_image(path)
@@ -263,7 +271,7 @@ class TinyBackend:
         enc = self._encoded.get(key)
         if enc is None:
             label = answer_index(row) if row.get("answer_letter") not in (None, "") else -100
-            ids = [self._ids(t) for t in (question, *options)]
+            ids = [self._ids(question)] + [self._option_ids(t) for t in options]
             tensors = [torch.tensor(i, dtype=torch.long) for i in ids]
             enc = self._encoded[key] = Encoded(tensors[0], tensors[1:], label, tuple(tuple(i) for i in ids[1:]))
         return enc
@@ -275,6 +283,9 @@ class TinyBackend:
         pad = torch.zeros(1, dtype=torch.long)  # a missing option: PAD alone (masked out below)
         questions = [e.question for e in encs]
         options = [e.options[j] if j < len(e.options) else pad for e in encs for j in range(k)]
+        if self.model.training and self.cfg.unknown_option_p:  # names shown as UNK, drawn anew each step
+            hidden = (torch.rand(len(options)) < self.cfg.unknown_option_p).tolist()  # PAD stays masked
+            options = [torch.ones(1, dtype=torch.long) if h else o for o, h in zip(options, hidden)]
         return {  # one concatenation per field, in C: per-row Python lists cost a sixth of a training step
             "images": torch.stack([self.image_tensor(r) for r in rows]),
             "q_ids": torch.cat(questions),
@@ -370,7 +381,8 @@ def load(model_dir: str | os.PathLike, data_root=None) -> TinyBackend:
 
     info = read_backend_file(model_dir)
     saved = dict(info.get("tiny") or {})
-    cfg = from_dict(TinyConfig, {**LEGACY, **saved} if "ngram_buckets" not in saved else saved,
+    cfg = from_dict(TinyConfig, {**LEGACY, **saved} if "ngram_buckets" not in saved else
+                    {"unknown_option_p": 0.0, **saved},
                     where=f"{model_dir}: tiny config")
     try:
         vocab = json.loads((Path(model_dir) / "vocab.json").read_text(encoding="utf-8"))

@@ -126,7 +126,8 @@ def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], option_w
     context, not as an answer ("lung" of "this lung X-ray" made "Lung Opacity" the answer to every
     Pneumonia image of 28 on all three seeds of a Related arm that named neither). A word of any
     option does count: "benign" of "Benign Naevus" makes "Benign" known, though in Med-MAT-mini a look
-    belongs to a whole label name."""
+    belongs to a whole label name. A model trained with hidden names (`unknown_option_p`) encodes such
+    options as UNK alone, so they already score the same; the mean keeps the tie exact for the draw."""
     scores = scores.clone()
     for i, opts in enumerate(options):
         unknown = [j for j, o in enumerate(opts) if not any(w in option_words for w in tokenize(o))]
