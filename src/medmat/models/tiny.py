@@ -54,7 +54,8 @@ from torch.nn import functional as F
 
 from medmat.config import ConfigError, from_dict
 from medmat.models.tiny_text import (PAD, UNK, Encoded, answer_index, bag_offsets, fixed_text_table, option_bank,
-                                     row_options, row_question, text_ids, tie_unknown_options, tokenize)
+                                     row_options, row_question, text_ids, tie_unknown_options, tokenize,
+                                     unknown_name)
 
 
 @dataclasses.dataclass
@@ -229,7 +230,7 @@ class TinyBackend:
     def _option_ids(self, text: str) -> list[int]:
         """An option's ids; a name with no word of a training option is UNK, the learned "a name I
         don't know" (when training taught it: `unknown_option_p` > 0)."""
-        if self.cfg.unknown_option_p and not any(w in self.option_words for w in tokenize(text)):
+        if self.cfg.unknown_option_p and unknown_name(text, self.option_words):
             return [1]
         return self._ids(text)
 

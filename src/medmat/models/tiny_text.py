@@ -114,6 +114,11 @@ def row_question(row: dict) -> str:
     return str(q) if q is not None and str(q) else str(row.get("question_choice", "")).split("\n", 1)[0]
 
 
+def unknown_name(option: str, option_words: Collection[str]) -> bool:
+    """An option holding no word of a training option: a name the model never met as an answer."""
+    return not any(w in option_words for w in tokenize(option))
+
+
 def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], option_words: Collection[str]) -> torch.Tensor:
     """`scores` (B, K) with the options that hold no word of a training option set to their mean.
 
@@ -130,7 +135,7 @@ def tie_unknown_options(scores: torch.Tensor, options: list[list[str]], option_w
     options as UNK alone, so they already score the same; the mean keeps the tie exact for the draw."""
     scores = scores.clone()
     for i, opts in enumerate(options):
-        unknown = [j for j, o in enumerate(opts) if not any(w in option_words for w in tokenize(o))]
+        unknown = [j for j, o in enumerate(opts) if unknown_name(o, option_words)]
         if len(unknown) > 1:
             scores[i, unknown] = scores[i, unknown].mean()
     return scores
