@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from medmat.control_worlds import replicate
+from medmat.control_worlds import headline, main, replicate
 from medmat.stats import equivalence, t_interval
 
 
@@ -65,3 +65,24 @@ def test_worlds_are_pooled_as_units_and_a_rerun_trains_nothing(tmp_path, caplog)
     (out / "w1" / "runs" / "03" / "fixed_area-04-28" / "related" / "seed0" / "metrics.json").unlink()
     assert replicate(2, seeds=1, out=str(out), params=str(p)) == summary  # one unit lost: its world redrawn
     assert caplog.text.count("regenerating") == 1 and "w1" in caplog.text.split("regenerating")[0].splitlines()[-1]
+
+    # As the stage runs it: N from experiment.control_worlds, the pooled numbers (without per-world
+    # detail) as DVC metrics for the report; the worlds above are resumed, not retrained.
+    params["experiment"]["control_worlds"] = 2
+    p.write_text(yaml.safe_dump(params))
+    stamps = {f: f.stat().st_mtime_ns for f in out.rglob("metrics.json")}
+    metrics = tmp_path / "metrics" / "control_worlds.json"
+    assert main(["--params", str(p), "--out", str(out), "--metrics", str(metrics)]) == 0
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("metrics.json")} == stamps
+    pooled = json.loads(metrics.read_text())
+    assert pooled == headline(summary) and pooled["worlds"] == 2 and "per_world" not in pooled
+
+
+def test_the_stage_is_off_by_default_and_says_so(tmp_path, capsys):
+    p, out, metrics = tmp_path / "params.yaml", tmp_path / "worlds", tmp_path / "metrics" / "control_worlds.json"
+    p.write_text(yaml.safe_dump({"experiment": {"targets": ["03"]}}))
+    assert main(["--params", str(p), "--out", str(out), "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["worlds"] == 0 and out.is_dir()  # DVC's outputs exist, nothing ran
+    assert "experiment.control_worlds=60" in capsys.readouterr().out
+    p.write_text(yaml.safe_dump({"experiment": {"control_worlds": 1}}))  # one world is no replication
+    assert main(["--params", str(p), "--out", str(out), "--metrics", str(metrics)]) == 2

@@ -126,6 +126,43 @@ def test_control_passes_only_by_equivalence(study):
     assert "does NOT pass" in (study / "reports" / "report.md").read_text()
 
 
+def test_the_control_replicated_over_worlds_is_reported_beside_the_one_world(study):
+    from medmat.control_worlds import pooled
+
+    path = study / "control_worlds.json"
+    cfg = ReportConfig(n_boot=400, control_band=0.5)  # a band the one world's interval does not fit
+
+    def report(file):
+        summary = build_report(str(study / "runs"), str(study / "control_runs"), str(study / "designs"),
+                               str(study / "cdesigns"), str(study / "search"), str(study / "reports"), cfg,
+                               control_worlds_path=str(file))
+        return summary, (study / "reports" / "report.md").read_text()
+
+    summary, text = report(path)  # the stage has not run: the one world only, and how to replicate it
+    assert summary["control_worlds"] == 0 and summary["control_equivalent"] is False
+    assert "entangled worlds**" not in text and "-S experiment.control_worlds=60" in text
+    path.write_text(json.dumps({"worlds": 0, "note": "off"}))
+    assert report(path)[0]["control_worlds"] == 0
+
+    gaps = [0.1, -0.1, 0.05, 0.0, -0.05, 0.15]
+    replicated = {"worlds": 6, "seeds_per_world": 1, "band": 0.5, **pooled(gaps, 0.5),
+                  "vs_baseline": pooled([g + 1 for g in gaps], 0.5)}
+    path.write_text(json.dumps(replicated))
+    summary, text = report(path)
+    assert replicated["equivalent"] is True and replicated["vs_baseline"]["equivalent"] is False
+    assert summary["control_worlds"] == 6 and summary["control_worlds_equivalent"] is True
+    assert summary["control_worlds_ci95_pts"] == [replicated["lo"], replicated["hi"]]
+    assert summary["control_equivalent"] is False  # the one world's own verdict is kept, not replaced
+    line = next(x for x in text.splitlines() if "Negative control over 6 entangled worlds" in x)
+    assert f"[{replicated['lo']:+.1f}, {replicated['hi']:+.1f}]" in line and "**passed**" in line
+    assert "Over 6 entangled worlds it passes" in text
+
+    path.write_text(json.dumps({**replicated, **pooled([3.0, -2.0, 4.0], 0.5)}))  # wide: not passed
+    summary, text = report(path)
+    assert summary["control_worlds_equivalent"] is False and "**NOT passed**" in text
+    assert "Over 6 entangled worlds it does not pass either" in text
+
+
 def test_degenerate_cells_are_flagged_and_caveats_follow_the_numbers(study):
     summary = build(study)
     text = (study / "reports" / "report.md").read_text()
@@ -246,7 +283,8 @@ def test_cli(study, tmp_path, capsys):
                               best_runs=str(study / "best_runs"),
                               designs=str(study / "designs"), control_designs=str(study / "cdesigns"),
                               search=str(study / "search"), out=str(tmp_path / "out"),
-                              summary=str(tmp_path / "s.json"), params=str(tmp_path / "none.yaml"))
+                              summary=str(tmp_path / "s.json"), params=str(tmp_path / "none.yaml"),
+                              control_worlds=str(tmp_path / "none.json"))
     assert run(args) == 0
     assert (tmp_path / "out" / "report.md").exists() and json.loads((tmp_path / "s.json").read_text())["main_rows"] == 2
     args.designs = str(tmp_path / "missing")

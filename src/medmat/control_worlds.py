@@ -1,4 +1,4 @@
-"""The negative control replicated over entangled worlds (opt-in: not a `dvc repro` stage).
+"""The negative control replicated over entangled worlds (stage control-worlds; opt-in by params).
 
 One entangled world cannot carry the equivalence claim: its Trained models map each unseen look of a
 target as a whole to some learned label, so a world gives about ten independent draws (its targets'
@@ -11,8 +11,12 @@ world's mean Trained - Baseline+ gap over its rows is one value; the claim is th
 their mean, and it passes only inside the report's equivalence band (`report.control_band`). The same
 is printed against the untrained Baseline (the paper's Baseline), which no training can put below chance.
 
-    python -m medmat.control_worlds --worlds 20 [--seeds 1] [--out work/control-worlds] [--keep-images]
+    python -m medmat.control_worlds [--worlds N] [--seeds 1] [--out work/control-worlds] [--keep-images]
 
+`dvc repro` runs it as stage control-worlds with N = `experiment.control_worlds` (0: off, the stage
+only records that it did not run), and the report prints its verdict beside the one world's:
+`dvc exp run -S experiment.control_worlds=60`. Its headline numbers go to
+work/metrics/control_worlds.json (`dvc metrics show`), the per-world detail to <out>/summary.json.
 Interrupted, it resumes: a world whose table and designs exist is not regenerated, and finished units
 are not retrained. A world's 21k images are removed once its units are done, unless --keep-images; they
 are drawn again, byte-identical, only when one of its units still has to train.
@@ -99,6 +103,14 @@ def per_target(per_world: list[dict[str, Any]], key: str, band: float) -> dict[s
     return {t: pooled(v, band) for t, v in by_target.items() if len(v) > 1}
 
 
+METRICS = "work/metrics/control_worlds.json"
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary without its per-world and per-target detail: the stage's DVC metrics, read by the report."""
+    return {k: v for k, v in summary.items() if k not in ("per_world", "per_target", "per_target_vs_baseline")}
+
+
 def replicate(worlds: int, seeds: int = 1, out: str = "work/control-worlds", params: str = "params.yaml",
               keep_images: bool = False) -> dict[str, Any]:
     """Run `worlds` entangled worlds; write and return the pooled equivalence test (summary.json)."""
@@ -126,16 +138,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(prog="python -m medmat.control_worlds", description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, default=20, help="entangled worlds (synth seeds synth.seed + 0..N-1)")
+    parser.add_argument("--worlds", type=int, default=None, help="entangled worlds (synth seeds synth.seed + "
+                        "0..N-1); default: experiment.control_worlds (0: nothing runs)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per world")
     parser.add_argument("--out", default="work/control-worlds")
+    parser.add_argument("--metrics", default=METRICS, help="the pooled numbers without per-world detail")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--keep-images", action="store_true", help="keep each world's images after its units")
     args = parser.parse_args(argv)
-    if args.worlds < 2 or args.seeds < 1:
-        parser.error("--worlds must be at least 2 (the spread between worlds is the point) and --seeds at least 1")
     try:
-        s = replicate(args.worlds, args.seeds, args.out, args.params, args.keep_images)
+        worlds = args.worlds
+        if worlds is None:
+            from medmat.config import load_section
+            from medmat.experiment import ExperimentConfig
+
+            worlds = load_section(ExperimentConfig, "experiment", args.params).control_worlds
+        if worlds == 0 and args.worlds is None:
+            # The stage's outputs exist but say nothing ran; the report then judges the one control world.
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.metrics), {"worlds": 0, "note": "experiment.control_worlds is 0: off"})
+            print("experiment.control_worlds is 0: the negative control is not replicated "
+                  "(`dvc exp run -S experiment.control_worlds=60` runs it)")
+            return 0
+        if worlds < 2 or args.seeds < 1:
+            parser.error("--worlds must be at least 2 (the spread between worlds is the point) and --seeds at least 1")
+        s = replicate(worlds, args.seeds, args.out, args.params, args.keep_images)
+        atomic_write_json(Path(args.metrics), headline(s))
     except (ConfigError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

@@ -25,6 +25,9 @@ class ExperimentConfig:
     scaleup_seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     limited_targets: list = dataclasses.field(default_factory=lambda: ["03"])
     control: bool = True  # the same Table-3 arms on the --entangled world (negative control)
+    # The negative control replicated over this many entangled worlds, one training seed each (stage
+    # control-worlds, medmat.control_worlds): the powered equivalence test. 0 = off (one world only).
+    control_worlds: int = 0
     # `train:` keys overridden for every unit; validated as `train:` keys (a typo is an error).
     train_overrides: dict = dataclasses.field(default_factory=dict)
     workers: int = 2  # units trained in parallel processes (1 torch thread each)
@@ -42,5 +45,8 @@ class ExperimentConfig:
             raise ValueError(f"executor must be 'local' or 'ray', got {self.executor!r}")
         if float(self.ray_cpus_per_unit) <= 0 or float(self.ray_gpus_per_unit) < 0:
             raise ValueError("ray_cpus_per_unit must be > 0 and ray_gpus_per_unit >= 0")
+        if int(self.control_worlds) == 1 or int(self.control_worlds) < 0:
+            raise ValueError(f"control_worlds must be 0 (off) or at least 2 (the spread between worlds is the "
+                             f"point), got {self.control_worlds}")
         if int(self.workers) < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")

@@ -53,9 +53,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from medmat.config import ConfigError, from_dict
-from medmat.models.tiny_text import (PAD, UNK, Encoded, answer_index, bag_offsets, fixed_text_table, option_bank,
-                                     row_options, row_question, text_ids, tie_unknown_options, tokenize,
-                                     unknown_name)
+from medmat.models.tiny_text import (PAD, UNK, UNK_ID, Encoded, answer_index, bag_offsets, fixed_text_table,
+                                     option_bank, row_options, row_question, text_ids, tie_unknown_options,
+                                     tokenize, unknown_name)
 
 
 @dataclasses.dataclass
@@ -231,7 +231,7 @@ class TinyBackend:
         """An option's ids; a name with no word of a training option is UNK, the learned "a name I
         don't know" (when training taught it: `unknown_option_p` > 0)."""
         if self.cfg.unknown_option_p and unknown_name(text, self.option_words):
-            return [1]
+            return [UNK_ID]
         return self._ids(text)
 
     # -- images -----------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ class TinyBackend:
         options = [e.options[j] if j < len(e.options) else pad for e in encs for j in range(k)]
         if self.model.training and self.cfg.unknown_option_p:  # names shown as UNK, drawn anew each step
             hidden = (torch.rand(len(options)) < self.cfg.unknown_option_p).tolist()  # PAD stays masked
-            options = [torch.ones(1, dtype=torch.long) if h else o for o, h in zip(options, hidden)]
+            options = [torch.tensor([UNK_ID]) if h else o for o, h in zip(options, hidden)]
         return {  # one concatenation per field, in C: per-row Python lists cost a sixth of a training step
             "images": torch.stack([self.image_tensor(r) for r in rows]),
             "q_ids": torch.cat(questions),

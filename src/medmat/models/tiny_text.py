@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 PAD, UNK = "<pad>", "<unk>"
+UNK_ID = 1  # every vocabulary starts [PAD, UNK]: PAD is id 0, UNK id 1
 _WORD = re.compile(r"[a-z0-9]+")
 # The Med-MAT prompt's last line is the same in every record: it carries no information.
 _INSTRUCTION = "answer with the option's letter from the given choices directly"
@@ -38,13 +39,13 @@ def text_ids(text: str, word_index: dict[str, int], buckets: int, lo: int, hi: i
     for w in tokenize(text):
         wid = word_index.get(w)
         if not buckets:
-            ids.append(1 if wid is None else wid)
+            ids.append(UNK_ID if wid is None else wid)
             continue
         if wid is not None:
             ids.append(wid)
         # crc32, not hash(): Python salts str hashes per process, buckets must survive save/load
         ids += [base + zlib.crc32(g.encode()) % buckets for g in char_ngrams(w, lo, hi)]
-    return ids or [1]  # an empty bag would embed to zero; UNK at least is learned
+    return ids or [UNK_ID]  # an empty bag would embed to zero; UNK at least is learned
 
 
 def fixed_text_table(vocab: list[str], buckets: int, dim: int, std: float, seed: int) -> torch.Tensor:

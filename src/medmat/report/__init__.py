@@ -30,6 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", default="work/search", help="search outputs: SEARCH/<target>/history.csv")
     parser.add_argument("--out", default="reports", help="report folder (report.md, PNGs, plots/*.csv)")
     parser.add_argument("--summary", default="work/report_summary.json", help="headline numbers (DVC metrics)")
+    parser.add_argument("--control-worlds", default="work/metrics/control_worlds.json",
+                        help="the negative control replicated over entangled worlds (stage control-worlds)")
     parser.add_argument("--params", default="params.yaml", help="params file with the `report:` section")
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"medmat report: {args.designs}: no designs folder (run `medmat designs` and the study first)")
         return 2
     s = build_report(args.runs, args.control_runs, args.designs, args.control_designs, args.search, args.out, cfg,
-                     args.summary, best_runs_dir=args.best_runs)
+                     args.summary, best_runs_dir=args.best_runs, control_worlds_path=args.control_worlds)
     print(f"report -> {Path(args.out) / 'report.md'} ({', '.join(s['figures']) or 'no figures'}); "
           f"main gap {s['main_mean_gap_pts']} pts {s['main_gap_ci95_pts']}, "
           f"control gap {s['control_mean_gap_pts']} pts {s['control_gap_ci95_pts']}")

@@ -111,8 +111,9 @@ def control_verdict(h: dict[str, Any], margin: float) -> bool:
 
 
 def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict[str, dict], h: dict, hc: dict,
-            margin: float) -> list[str]:
-    """Caveats that follow from the numbers above them (each names the numbers it rests on)."""
+            margin: float, replicated: dict[str, Any] | None = None) -> list[str]:
+    """Caveats that follow from the numbers above them (each names the numbers it rests on);
+    `replicated`: the control-worlds stage's pooled numbers when it ran."""
     out = []
     chance = {r["target"]: 100.0 / k for r in rows if (k := r["_pair"][0].n_options)}
     above = [r for r in rows if r["baseline_plus"] and r["target"] in chance
@@ -168,7 +169,13 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
     if hc["rows"] and not control_verdict(hc, margin):
         out.append(f"The negative control does NOT pass: its mean gap interval [{hc['lo']:+.1f}, {hc['hi']:+.1f}] "
                    f"is not inside +-{margin:g} points, so this world's Related gain is not shown to be "
-                   "compositional.")
+                   "compositional." + (
+                       f" Over {replicated['worlds']} entangled worlds it "
+                       f"{'passes' if replicated['equivalent'] else 'does not pass either'} "
+                       f"([{replicated['lo']:+.1f}, {replicated['hi']:+.1f}], headline)." if replicated else
+                       " One world gives few independent draws to test it with (its targets' labels); "
+                       "`dvc exp run -S experiment.control_worlds=60` replicates the control over entangled "
+                       "worlds, the world as the unit."))
     below = [r for r in crows if r["trained"] and r["target"] in chance and r["trained"]["hi"] < chance[r["target"]]]
     if below:
         out.append("In the control world Trained falls BELOW chance in " + ", ".join(
