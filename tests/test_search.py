@@ -331,6 +331,41 @@ def test_problem_never_trains_on_target_images_and_budget_is_the_related_total(t
     assert search.default_study_name("medmat", problem) == "medmat-mini-03-CT-Lung-COVID"
 
 
+def test_candidates_follow_the_designs_task_taxonomy(tmp_path, caplog):
+    """The search space holds every member of the warm-start arms: 21 Mic-Cell-Cancer shares only the
+    coarse task State with 03 (the paper's taxonomy, which built the designs), so it is a candidate and
+    All Related is tried whole; under the fine taxonomy it is not, and the truncation is said."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = _problem_world(tmp_path)
+    table = pq.read_table(root / "work/records.parquet")
+    extra = pd.DataFrame([{"record_id": f"s21-train-{i}", "subset_no": 21, "split": "train", "answer_text": "Malignant",
+                           "image": f"s21-train-{i}.jpg", "image_sha256": f"sha-s21-{i}",
+                           "image_phash": hashlib.sha256(f"s21-{i}".encode()).hexdigest()[:16]} for i in range(30)])
+    both = pa.concat_tables([table, pa.Table.from_pandas(extra, preserve_index=False).cast(table.schema)])
+    pq.write_table(both, root / "work/records.parquet")
+    d = root / "work/designs/03"
+    (d / "scaleup").mkdir()
+    (d / "scaleup/all_related.json").write_text(json.dumps({"components": {
+        s: {"requested": 30, "selected": 30} for s in ("04", "21", "28")}}))
+    index = json.loads((d / "index.json").read_text())
+    index["arms"] = {"all_related": "scaleup/all_related.json"}
+    for taxonomy in ("paper", "fine"):
+        (d / "index.json").write_text(json.dumps({**index, "task_taxonomy": taxonomy}))
+        caplog.clear()
+        problem = search.build_problem(root / "work/records.parquet", root / "work/designs", "3", search.SearchConfig())
+        if taxonomy == "paper":
+            assert problem.space.limits == {"04": 55, "21": 30, "28": 60}
+            assert problem.warm["scaleup/all_related"] == {"04": 30, "21": 30, "28": 30}
+            assert "tried without" not in caplog.text
+        else:
+            assert "21" not in problem.space.limits
+            assert problem.warm["scaleup/all_related"] == {"04": 30, "28": 30}
+            assert "scaleup/all_related is tried without 21" in caplog.text
+
+
 @pytest.mark.slow
 def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     """synth -> ingest -> designs -> `medmat search` (real train_model) -> resume with more trials and
@@ -342,6 +377,7 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["designs"].update(samples_per_subset=60, scaleup_total=300, dev_size=30)
     params["train"].update(max_steps=15, eval_every=5, checkpoint_every=0)
+    params["model"]["tiny"]["vision_init"] = None  # no `pretrain` stage here: the vision tower starts from scratch
     params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     params["tracking"]["artifact_root"] = str(tmp_path / "mlruns/artifacts")
     # trials train with the shrunken `train:` above (params.yaml's search.train override is for the demo)
@@ -401,10 +437,15 @@ def test_search_cli_end_to_end_on_med_mat_mini(tmp_path):
     assert len(parents) == 1  # the resumed search logs under the same parent
 
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert sorted(int(r.data.params["trial"]) for r in children) == list(range(7))
+    # one nested run per trial that trained; a mixture whose subsets cannot fill the budget is pruned
+    # before training (no run), and says why
+    trained = sorted(t.number for t in trials if search.MLFLOW_RUN in t.user_attrs)
+    assert sorted(int(r.data.params["trial"]) for r in children) == trained and len(trained) >= 5
+    assert all(t.state == TrialState.PRUNED and "budget" in t.user_attrs.get("prune_reason", "")
+               for t in trials if t.number not in trained)
     assert all("dev_accuracy" in r.data.metrics and json.loads(r.data.params["mixture"]) for r in children)
     by_trial = {int(r.data.params["trial"]): r for r in children}
-    for t in trials:  # the nested run holds the trial's own mixture
+    for t in (t for t in trials if t.number in trained):  # the nested run holds the trial's own mixture
         assert json.loads(by_trial[t.number].data.params["mixture"]) == t.user_attrs[search.MIXTURE]
     # Two targets side by side (the `search` stage) give exactly what each gives searched alone. Last:
     # their studies (in other storages) bear the names above, so their trials nest under the same parent run.

@@ -189,6 +189,11 @@ def shares_any(catalog: Catalog, target: TargetView, no: int, taxonomy: str) -> 
     return out
 
 
+def related_pool(catalog: Catalog, target: TargetView, taxonomy: str) -> list[int]:
+    """Subsets sharing at least one element with the target (All Related, the search's candidates)."""
+    return [no for no in candidates(catalog, target) if shares_any(catalog, target, no, taxonomy)]
+
+
 def unrelated_pool(catalog: Catalog, target: TargetView, taxonomy: str) -> list[int]:
     """Subsets sharing no element with the target (Baseline+ and All Unrelated)."""
     return [no for no in candidates(catalog, target) if not shares_any(catalog, target, no, taxonomy)]

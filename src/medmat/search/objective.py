@@ -5,9 +5,10 @@ The problem is read from `medmat designs` output (`<designs>/<target>/index.json
 the search sees the same dev split, the same warm-start mixtures and the same leakage exclusions as
 the study's arms:
 
-- candidates: subsets sharing at least one element with the target (or `search.candidates`), never
-  the target itself; their pool = train records minus any record whose image is a target dev/test
-  image (exact or near copy, `medmat.designs.leakage`, at the designs' `phash_distance`);
+- candidates: subsets sharing at least one element with the target under the designs' task taxonomy
+  (or `search.candidates`), never the target itself; their pool = train records minus any record whose
+  image is a target dev/test image (exact or near copy, `medmat.designs.leakage`, at the designs'
+  `phash_distance`);
 - budget: `search.total_budget`, or (0) the largest selected total of the target's Related
   combinations, so the search's best mixture is compared with the Related arms at equal size;
 - warm start: the Related arm of every combination and All Related (`designs.warm_start_mixtures`),
@@ -118,8 +119,17 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
     test_ids = ids[(subset == target) & (records["split"] == "test")].tolist()
     leaks = leaking_records(records, dev_ids + test_ids, int((index.get("leakage") or {}).get("phash_distance", 4)))
 
-    cands = ([key(s) for s in cat.related_subsets(triplet)] if cfg.candidates == "related"
-             else [key(s) for s in cfg.candidates])
+    if cfg.candidates == "related":
+        # Related under the task taxonomy the designs were built with (index.json), so the search
+        # space holds every member of the warm-start arms: with the catalogue's fine tasks, 07's
+        # DP-Mouth-Cancer (Cancer, as the paper reads Melanoma) was no candidate, its Related arm was
+        # tried without it, and 03's All Related without the seven subsets it shares only "State" with.
+        from medmat.designs import rules
+
+        taxonomy = index.get("task_taxonomy", "paper")
+        cands = [key(s) for s in rules.related_pool(cat, rules.target_view(cat, triplet, target_no, taxonomy), taxonomy)]
+    else:
+        cands = [key(s) for s in cfg.candidates]
     cands = sorted(set(cands) - {target})
     in_cands = (records["split"] == "train") & subset.isin(cands) & ~ids.isin(set(dev_ids))
     pool = records[in_cands & ~ids.isin(set(leaks))].reset_index(drop=True)
@@ -128,6 +138,10 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
     if not limits:
         raise SearchError(f"target {target} ({triplet}): none of the candidate subsets {cands} has training records")
 
+    for arm, mixture in warm.items():
+        if set(mixture) - set(limits):
+            log.warning("target %s: warm-start arm %s is tried without %s (not among the candidates with "
+                        "training records)", target, arm, ", ".join(sorted(set(mixture) - set(limits))))
     warm = {a: {s: n for s, n in m.items() if s in limits} for a, m in warm.items()}
     warm = {a: m for a, m in warm.items() if m}
     combos = [int(c.get("selected_total", 0)) for c in index.get("combinations", [])]
