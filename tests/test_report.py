@@ -326,3 +326,32 @@ def test_label_clusters_widen_the_interval_when_whole_labels_move():
     by_label = label_clusters(rows, n_boot=500, seed=0)
     assert by_label["lo"] < by_question["lo"] and by_label["hi"] >= by_question["hi"]
     assert by_label["lo"] <= by_question["gap"] <= by_label["hi"]
+
+
+def test_search_best_retrained_beside_its_trial_and_its_degenerate_cell_counted(study):
+    """The search table shows the best trial's dev accuracy beside the retrained seeds' mean; a trial the
+    retraining does not reproduce is a named caveat (winner's curse); a retrained cell that answers one
+    letter is a degenerate cell like any other (flagged, listed, counted)."""
+    best_runs = study / "best_runs"
+
+    def report(dev_by_seed, letter=None):
+        write_arm(best_runs, "03", "search_best", [0.5] * len(dev_by_seed), seed=21, letter=letter)
+        for k, dev in enumerate(dev_by_seed):  # the seeds' dev accuracy, as `medmat evaluate` writes it
+            f = best_runs / "03/search_best" / f"seed{k}/metrics.json"
+            f.write_text(json.dumps({**json.loads(f.read_text()), "dev_accuracy": dev}))
+        summary = build_report(str(study / "runs"), str(study / "control_runs"), str(study / "designs"),
+                               str(study / "cdesigns"), str(study / "search"), str(study / "reports"),
+                               ReportConfig(n_boot=400), best_runs_dir=str(best_runs))
+        return summary, (study / "reports" / "report.md").read_text()
+
+    # the trial's 60.0 (best_mixture.json) reproduced within 5 points: no caveat
+    summary, text = report([0.58, 0.6, 0.57])
+    assert "| 03 | 3 | 60.0 | 58.3 | 04: 300 |" in text and "winner's curse" not in text
+    degenerate = summary["degenerate_cells"]
+    # retrained at 40.0 on average, one letter for every question: caveat, ⚠, listed and counted
+    summary, text = report([0.4, 0.4, 0.4], letter="A")
+    assert "| 03 | 3 | 60.0 | 40.0 | 04: 300 |" in text
+    assert "not reproduced when its mixture is retrained in 03 (60.0 against 40.0 over 3 seeds)" in text
+    line = next(x for x in text.splitlines() if x.startswith("- Degenerate cells"))
+    assert "03 search_best: one letter" in line
+    assert summary["degenerate_cells"] == degenerate + 1

@@ -153,7 +153,8 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
                        "met (they are tied), so one name it knows can win whatever the image; the paper's "
                        "Baseline+ is a pretrained LLM that knows the label words.")
     scaleup = [f"{name.split('/', 1)[1].replace('/', ' ', 1)}: {c['degenerate']}" for name, c in cells.items()
-               if ("/scaleup/" in name or "/limited/" in name) and c and c.get("degenerate")]
+               if ("/scaleup/" in name or "/limited/" in name or name.endswith("/search_best"))
+               and c and c.get("degenerate")]
     listed = [f"{world}: " + " | ".join(entries) for world, entries in
               (("main world", _degenerate_cells(rows) + scaleup), ("control world", _degenerate_cells(crows)))
               if entries]
@@ -194,6 +195,28 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
         out.append(f"Only {max(seeds)} training seeds per cell: the bootstrap's seed stage draws from "
                    f"{max(seeds)} values, so intervals are approximate.")
     return out
+
+
+def mean_dev(arm: Arm | None) -> float | None:
+    """Mean dev accuracy (0..1) over an arm's seeds, from their metrics.json; None without any."""
+    devs = [m["dev_accuracy"] for m in (arm.metrics.values() if arm else ()) if m.get("dev_accuracy") is not None]
+    return sum(devs) / len(devs) if devs else None
+
+
+def search_caveats(search: dict[str, dict[str, Any]], best_arms: dict[str, Arm], margin: float = 5.0) -> list[str]:
+    """Targets whose best trial's dev accuracy the retrained seeds fall short of by more than `margin`
+    points: the maximum over noisy one-training trials is optimistic (winner's curse)."""
+    short = []
+    for t, s in sorted(search.items()):
+        trial, again = (s.get("best") or {}).get("dev_accuracy"), mean_dev(best_arms.get(t))
+        if trial is not None and again is not None and 100 * (trial - again) > margin:
+            short.append(f"{t} ({100 * trial:.1f} against {100 * again:.1f} over {len(best_arms[t].metrics)} seeds)")
+    if not short:
+        return []
+    return ["The search's best trial is not reproduced when its mixture is retrained in " + ", ".join(short)
+            + ": a trial is one training, so the best of the study's trials carries the luckiest training noise "
+            "(winner's curse). Read the retrained dev and test accuracies; the registry compares candidates by "
+            "their mean dev accuracy over seeds, not by the trial's."]
 
 
 def _seen(row: dict[str, Any], arm: str) -> int | None:
