@@ -135,8 +135,13 @@ def test_catalog_cli_views(capsys):
     assert main(["catalog", "--related", "CT-Lung-COVID"]) == 0
     out = capsys.readouterr().out
     assert "28  X-ray-Lung-COVID" in out and "shares area, task" in out
-    assert main(["catalog", "--related", "3"]) == 0
-    assert "related subsets (6)" in capsys.readouterr().out
+    assert main(["catalog", "--related", "3"]) == 0  # the paper's taxonomy, as the designs and the search read it
+    out = capsys.readouterr().out
+    assert "related subsets (13)" in out and "playing COVID / State" in out
+    assert "07  Der-Skin-Melanoma" in out and "shares task" in out      # Cancer counts as State
+    assert main(["catalog", "--related", "3", "--task-taxonomy", "fine"]) == 0
+    out = capsys.readouterr().out
+    assert "related subsets (6)" in out and "Der-Skin-Melanoma" not in out
     assert main(["catalog", "--dataset", "44"]) == 0
     assert "MRI-Brain-Cancer" in capsys.readouterr().out
     assert main(["catalog", "--subset", "3"]) == 0

@@ -4,6 +4,7 @@
     medmat catalog --check [--strict]   counts and the public tables' known faults (--strict: exit 1 if any)
     medmat catalog --dataset 44         one dataset;  --subset 3: one subset
     medmat catalog --related CT-Lung-COVID   (or --related 3) subsets sharing elements, and which
+                                        (tasks as --task-taxonomy reads them: paper, as the designs, or fine)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 
 from medmat.catalog import CatalogError, load_catalog, parse_target
+from medmat.catalog.tasks import TAXONOMIES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--related", metavar="TARGET",
                    help="subsets sharing elements with TARGET (subset number or triplet, e.g. CT-Lung-COVID)")
     parser.add_argument("--strict", action="store_true", help="with --check: exit 1 when faults exist")
+    parser.add_argument("--task-taxonomy", choices=TAXONOMIES, default="paper",
+                        help="with --related: how tasks are compared; paper (the designs' and search's default: "
+                             "COVID and Cancer also count as State) or fine (the catalogue's task names)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,14 +62,18 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{'triplet':18} {s.triplet}")
             return 0
         if args.related is not None:
+            from medmat.designs import rules  # the very rules `medmat designs` and `medmat search` use
+
             triplet, no = parse_target(args.related, cat)
-            print(f"target {triplet}" + (f" (subset {no:02d})" if no else ""))
-            related = cat.related_subsets(triplet)
+            target = rules.target_view(cat, triplet, no, args.task_taxonomy)
+            print(f"target {triplet}" + (f" (subset {no:02d})" if no else "")
+                  + f", playing {' / '.join(target.roles)} ({args.task_taxonomy} task taxonomy)")
+            related = rules.related_pool(cat, target, args.task_taxonomy)
             print(f"related subsets ({len(related)}):")
             for r in related:
-                shared = sorted(cat.shared_elements(triplet, r), key=["modality", "area", "task"].index)
+                shared = sorted(rules.shares_any(cat, target, r, args.task_taxonomy), key=rules.ELEMENTS.index)
                 print(f"  {r:02d}  {str(cat.triplet_of_subset(r)):40} shares {', '.join(shared)}")
-            unrelated = cat.unrelated_subsets(triplet)
+            unrelated = rules.unrelated_pool(cat, target, args.task_taxonomy)
             print(f"unrelated subsets ({len(unrelated)}): {', '.join(f'{u:02d}' for u in unrelated)}")
             return 0
     except CatalogError as exc:
