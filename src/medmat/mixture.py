@@ -205,8 +205,13 @@ def resolve_mixture(
     dup = selected["record_id"].duplicated()
     if dup.any():
         raise MixtureError(f"record id {selected['record_id'][dup].iloc[0]!r} selected twice (ids must be unique)")
-    selected = selected.reset_index(drop=True)
-    ids = sorted(selected["record_id"].astype(str))
+    # The manifest's order (sorted ids): what trains on a fresh resolution (a search trial) trains on
+    # the very sequence a unit reads back from the manifest, so a trial and its retraining at the same
+    # seed are the same run (07's best trial scored 100% on dev, its seed-0 retraining in the manifest's
+    # order 50%: one run turned on data order).
+    selected = selected.assign(_id=selected["record_id"].astype(str)).sort_values("_id", kind="stable")
+    selected = selected.drop(columns="_id").reset_index(drop=True)
+    ids = selected["record_id"].astype(str).tolist()
     manifest = {
         "components": entries,
         "seed": int(seed),
