@@ -113,11 +113,18 @@ def test_options_of_words_never_trained_on_are_tied_and_guessed(world, tmp_path)
 
 def test_hidden_names_teach_a_name_i_do_not_know(world):
     """Training shows a share of option names as UNK, so UNK learns "the answer is a name I don't know":
-    an unknown name wins where the image matches none of the known ones, and loses where it does."""
+    an unknown name wins more often where the image matches none of the known ones than a model trained
+    without hidden names lets it, and rarely where a known one fits. Compared on the same three training
+    seeds: one run's share turns on its data order (10 to 62% over seeds and orders at 150 steps)."""
+    from medmat.config import from_dict
+
     train_df, _ = resolve_mixture(world, {"03": 150, "28": 150}, seed=0)
-    backend = train_model(TrainConfig(max_steps=150, eval_every=150, checkpoint_every=0, progress=False),
-                          ModelConfig(), train_df).backend
     rows = _test_rows(world, ["03", "28"]).to_dict("records")
+
+    def trained(unknown_option_p, seed):
+        model_cfg = from_dict(ModelConfig, {"tiny": {"unknown_option_p": unknown_option_p}})
+        return train_model(TrainConfig(max_steps=150, eval_every=150, checkpoint_every=0, progress=False, seed=seed),
+                           model_cfg, train_df).backend
 
     def unk_share(batch):  # share of the real (unmasked) option bags that are UNK alone
         ends = torch.cat([batch["o_offsets"][1:], torch.tensor([len(batch["o_ids"])])])
@@ -125,6 +132,7 @@ def test_hidden_names_teach_a_name_i_do_not_know(world):
         real = [bag for bag, m in zip(bags, batch["o_mask"].flatten().tolist()) if m]
         return sum(bag == [1] for bag in real) / len(real)
 
+    backend = trained(0.15, 0)
     torch.manual_seed(0)
     backend.model.train()
     assert 0.10 < unk_share(backend.collate(rows)) < 0.20  # unknown_option_p = 0.15, drawn per step
@@ -137,15 +145,18 @@ def test_hidden_names_teach_a_name_i_do_not_know(world):
         opts[j] = "Qwxa Blorp"
         return {**row, "options": opts}
 
-    def picks(rows, name):
-        return np.mean([r["options"][int(np.argmax(s))] == name
+    def picks(backend, rows):
+        return np.mean([r["options"][int(np.argmax(s))] == "Qwxa Blorp"
                         for r, s in zip(rows, backend.score_options(rows))])
 
     unknown_answer = [renamed(r, "answer") for r in rows]
     unknown_wrong = [renamed(r, "wrong") for r in rows]
-    # Chance is 1/3 to 1/4; trained without hidden names the unknown one won 17% here, by its n-grams.
-    assert picks(unknown_answer, "Qwxa Blorp") > 0.3  # none of the known names fits: the unknown one (39%)
-    assert picks(unknown_wrong, "Qwxa Blorp") < 0.15  # the known answer fits: it wins (4%)
+    hidden = [backend] + [trained(0.15, seed) for seed in (1, 2)]
+    plain = [trained(0.0, seed) for seed in (0, 1, 2)]
+    with_hidden, without = [picks(b, unknown_answer) for b in hidden], [picks(b, unknown_answer) for b in plain]
+    # measured: 19 / 28 / 49% against 17 / 0 / 0% (chance is 1/3 to 1/4)
+    assert all(a > b for a, b in zip(with_hidden, without)) and np.mean(with_hidden) - np.mean(without) > 0.15
+    assert np.mean([picks(b, unknown_wrong) for b in hidden]) < 0.15  # a known answer that fits wins (7%)
 
 
 def test_untrained_model_has_no_preference(world):
