@@ -156,7 +156,7 @@ def test_hidden_names_teach_a_name_i_do_not_know(world):
     with_hidden, without = [picks(b, unknown_answer) for b in hidden], [picks(b, unknown_answer) for b in plain]
     # measured: 19 / 28 / 49% against 17 / 0 / 0% (chance is 1/3 to 1/4)
     assert all(a > b for a, b in zip(with_hidden, without)) and np.mean(with_hidden) - np.mean(without) > 0.15
-    assert np.mean([picks(b, unknown_wrong) for b in hidden]) < 0.15  # a known answer that fits wins (7%)
+    assert all(picks(b, unknown_wrong) < 0.15 for b in hidden)  # a known answer that fits wins (3 / 13 / 5%)
 
 
 def test_untrained_model_has_no_preference(world):

@@ -209,8 +209,7 @@ def resolve_mixture(
     # the very sequence a unit reads back from the manifest, so a trial and its retraining at the same
     # seed are the same run (07's best trial scored 100% on dev, its seed-0 retraining in the manifest's
     # order 50%: one run turned on data order).
-    selected = selected.assign(_id=selected["record_id"].astype(str)).sort_values("_id", kind="stable")
-    selected = selected.drop(columns="_id").reset_index(drop=True)
+    selected = selected.sort_values("record_id", key=lambda ids: ids.astype(str)).reset_index(drop=True)
     ids = selected["record_id"].astype(str).tolist()
     manifest = {
         "components": entries,

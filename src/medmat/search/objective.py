@@ -139,9 +139,9 @@ def build_problem(records_path: Path, designs: Path, target_text: str, cfg: Sear
         raise SearchError(f"target {target} ({triplet}): none of the candidate subsets {cands} has training records")
 
     for arm, mixture in warm.items():
-        if set(mixture) - set(limits):
+        if missing := sorted(set(mixture) - set(limits)):
             log.warning("target %s: warm-start arm %s is tried without %s (not among the candidates with "
-                        "training records)", target, arm, ", ".join(sorted(set(mixture) - set(limits))))
+                        "training records)", target, arm, ", ".join(missing))
     warm = {a: {s: n for s, n in m.items() if s in limits} for a, m in warm.items()}
     warm = {a: m for a, m in warm.items() if m}
     combos = [int(c.get("selected_total", 0)) for c in index.get("combinations", [])]
