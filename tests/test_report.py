@@ -291,22 +291,6 @@ def test_cli(study, tmp_path, capsys):
     assert run(args) == 2
 
 
-def test_en_bloc_counts_classes_given_one_answer():
-    """A (seed, true label) group is en bloc when >= 90% of its questions got one answer: such a
-    control rests on its looks, not its questions, and the report's caveat says so."""
-    from medmat.report.analysis import _en_bloc, _label_of
-    from medmat.report.runs import Arm
-
-    def preds(pairs):
-        return [{"record_id": f"{a}-{i}", "answer_text": a, "predicted_text": p} for a, n, p in pairs for i in range(n)]
-
-    arm = Arm("related", {}, {0: preds([("COVID-19", 10, "Normal"), ("Normal", 9, "Pneumonia"), ("Normal", 1, "Normal"),
-                                        ("Pneumonia", 5, "Normal"), ("Pneumonia", 5, "Pneumonia")]),
-                              1: preds([("COVID-19", 8, "Normal"), ("COVID-19", 2, "COVID-19")])}, {})
-    assert _en_bloc(arm) == (4, 2)  # seed 0: COVID-19 and Normal en bloc, Pneumonia split; seed 1: 8 of 10 is not
-    assert set(_label_of(arm).values()) == {"COVID-19", "Normal", "Pneumonia"}
-
-
 def test_label_clusters_widen_the_interval_when_whole_labels_move():
     """One seed answers a whole label right and another wrong: resampling labels as clusters gives a
     wider interval than resampling questions, around the same point."""

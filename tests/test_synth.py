@@ -172,6 +172,47 @@ def test_entangled_world_differs_in_lesions_only(tmp_path, world):
     assert (root / r).read_bytes() != (ent / r).read_bytes()             # different pixels
 
 
+def test_null_subsets_draw_every_look_whatever_the_label(tmp_path):
+    """The negative control's targets: each image draws its look from the patterns no other triplet
+    shows, with the same odds for every label, and NULL_SCALE times the records; the other subsets'
+    images are the entangled world's own, byte for byte."""
+    few = dict(TINY, subsets=[3, 4, 28], entangled=True)
+    plain, null = tmp_path / "plain", tmp_path / "null"
+    synth_world.generate(plain, synth_world.SynthParams(**few), progress=False)
+    synth_world.generate(null, synth_world.SynthParams(**few, null_subsets=[3]), progress=False)
+    card = json.loads((null / "MEDMAT_MINI.json").read_text())
+    assert card["null_looks"] and not set(card["null_looks"]) & set(card["patterns"].values())
+    assert card["params"]["null_subsets"] == [3]
+    sub = "Aggregated_Subsets/Subset--{:02d}-train.json"
+    assert len(read_records(null / sub.format(3))) > 3 * len(read_records(plain / sub.format(3)))
+
+    def totals(nulls: list[int] | None) -> tuple[int, int]:
+        plans = synth_world.plan_world(synth_world.SynthParams(subsets=[3], entangled=True, null_subsets=nulls))
+        return sum(p.n_train for p in plans), sum(p.n_test for p in plans)
+
+    assert totals([3]) == tuple(synth_world.NULL_SCALE * n for n in totals(None))
+    for s in (4, 28):
+        assert (null / sub.format(s)).read_bytes() == (plain / sub.format(s)).read_bytes()
+        for r in read_records(null / sub.format(s)):
+            assert (null / r["image"]).read_bytes() == (plain / r["image"]).read_bytes()
+    # the draw: every label spreads over the whole pool alike (2,000 images a label, 193 looks: ~10 each)
+    patterns = synth.pattern_table({("CT", "Lung", "COVID"): {"COVID-19", "Normal"}}, 0, entangled=True)
+    pool = synth.null_looks(patterns)
+    assert patterns[("CT", "Lung", "COVID", "Normal")] not in pool and len(pool) == len(synth.ALL_PATTERNS) - 2
+    counts = {lab: Counter(synth.null_look(pool, 0, 8, lab, k) for k in range(2000)) for lab in ("COVID-19", "Normal")}
+    for c in counts.values():
+        assert len(c) > 0.95 * len(pool) and max(c.values()) < 3 * 2000 / len(pool)
+    assert counts["COVID-19"] != counts["Normal"]  # drawn, not copied
+    with pytest.raises(ValueError, match="entangled world only"):
+        synth_world.SynthParams(null_subsets=[3])
+
+
+def test_the_control_world_nulls_the_study_targets(tmp_path):
+    (tmp_path / "params.yaml").write_text(json.dumps({"experiment": {"targets": ["03", "28"]}}))
+    assert synth_world.world_params(tmp_path / "params.yaml", entangled=True).null_subsets == [3, 28]
+    assert synth_world.world_params(tmp_path / "params.yaml").null_subsets is None
+
+
 def test_no_shared_normal(tmp_path):
     out = tmp_path / "w"
     synth_world.generate(out, synth_world.SynthParams(shared_normal=False, **FEW), progress=False)

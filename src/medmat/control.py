@@ -1,9 +1,14 @@
 """The negative control's world: Med-MAT-mini `--entangled`, ingested and designed like the main world.
 
-In the entangled world every subset's labels have a look of their own, so nothing a model learns from
-the Related subsets can transfer to the target: the Related arm must fall to chance, and the study's
-Trained - Baseline+ gap must be equivalent to zero (medmat.stats.equivalence). The control's units are
-then run by `python -m medmat.pipeline study --world control`.
+In the entangled world every subset's labels have a look of their own, and the study's targets are
+null subsets (medmat.data.synth_world.world_params): each of their images draws its look at random
+from the lesion patterns no other subset shows, whatever its label, and they get NULL_SCALE times the
+records. No data can teach a target there, and on its label-balanced test any model, trained on
+anything, scores chance in expectation; so the study's Trained - Baseline+ gap must be equivalent to
+zero (medmat.stats.equivalence), and a gap would come from the procedure (answer letters, the
+question's wording, a leak), not from the data. Its questions are independent draws (every image its
+own look), so one world's interval carries the test. The control's units are then run by
+`python -m medmat.pipeline study --world control`.
 
 The world's 21k images live in `work/control-world`, beside the stage's outputs, not among them: they
 are a pure function of the `synth:` params and this code (byte-identical for the same seed), and the

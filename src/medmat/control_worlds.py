@@ -1,9 +1,9 @@
 """The negative control replicated over entangled worlds (stage control-worlds; opt-in by params).
 
-One entangled world cannot carry the equivalence claim: its Trained models map each unseen look of a
-target as a whole to some learned label, so a world gives about ten independent draws (its targets'
-labels), and the report's control interval, which resamples questions, leaves out the spread between
-worlds. Here the world is the unit of replication. World i is Med-MAT-mini --entangled with synth seed
+The control stage's one world conditions on one draw of the training subsets' looks. Its targets are
+null (medmat.control), so any trained model's expected gap there is zero and one world's interval
+carries the test; replicating over worlds checks that across training sets too. Here the world is the
+unit of replication. World i is Med-MAT-mini --entangled with synth seed
 `synth.seed + i` (world 0 is the control stage's own world), generated, ingested and designed exactly
 like the control stage (medmat.control), and its Table-3 cells run through the study's own units
 (medmat.pipeline.run_study: MLflow runs, resume, shared units) with `--seeds` training seeds. Each

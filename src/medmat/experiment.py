@@ -24,9 +24,9 @@ class ExperimentConfig:
     scaleup_targets: list = dataclasses.field(default_factory=lambda: ["03", "28"])
     scaleup_seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     limited_targets: list = dataclasses.field(default_factory=lambda: ["03"])
-    control: bool = True  # the same Table-3 arms on the --entangled world (negative control)
+    control: bool = True  # the same Table-3 arms on the --entangled world, its targets null (negative control)
     # The negative control replicated over this many entangled worlds, one training seed each (stage
-    # control-worlds, medmat.control_worlds): the powered equivalence test. 0 = off (one world only).
+    # control-worlds, medmat.control_worlds): other draws of the training looks. 0 = off (one world only).
     control_worlds: int = 0
     # `train:` keys overridden for every unit; validated as `train:` keys (a typo is an error).
     train_overrides: dict = dataclasses.field(default_factory=dict)

@@ -278,6 +278,23 @@ def pattern_table(labels_by_kind: dict[tuple[str, ...], set[str]], seed: int,
     return {k: None if is_negative(k[-1]) else tuple(by_name[k[-1]]) for k in keys}
 
 
+def null_looks(patterns: dict[tuple[str, ...], tuple | None]) -> list[tuple]:
+    """The lesion patterns no (triplet, label) of a pattern table shows, in a fixed order: the looks a
+    null subset's images draw from at random, whatever their label. No training subset shows them,
+    and a look says nothing of the label, so no model can beat chance on a null subset."""
+    used = {tuple(p) for p in patterns.values() if p is not None}
+    pool = [tuple(p) for p in ALL_PATTERNS if tuple(p) not in used]
+    if not pool:
+        raise ValueError(f"the world's {len(used)} looks use every lesion pattern: none left for null subsets")
+    return pool
+
+
+def null_look(pool: list[tuple], seed: int, dataset_no: int, label: str, k: int) -> tuple:
+    """The look of image k of `label` in a null subset: drawn from `pool` with the same odds for every
+    label (the label only names the image's random stream)."""
+    return pool[int(_rng(seed, "null-look", dataset_no, label, k).integers(len(pool)))]
+
+
 @dataclass(frozen=True)
 class Nuisance:
     """Per-dataset differences within a subset (scanner, protocol, site)."""

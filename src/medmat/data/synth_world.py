@@ -32,11 +32,15 @@ from medmat.data import qa
 from medmat.data.medmat_format import relative_path
 from medmat.data.synth import (
     FULL_RECORDS, PATTERN_KINDS, PATTERN_POSITIONS, PATTERN_SIZES, SIZE, Nuisance, Scene, _rng, encode_png,
-    pattern_table, subset_labels,
+    null_look, null_looks, pattern_table, subset_labels,
 )
 
 log = logging.getLogger(__name__)
 SHAPES = ("release", "legacy")
+# A null subset's records, times the world's per-subset counts: its test questions are the negative
+# control's only independent draws (every image its own look), and at 210 a target's chance-level
+# accuracy moves by ~1.7 points (binomial sd), too much for a +-5 equivalence band over a few targets.
+NULL_SCALE = 4
 MARKER = "MEDMAT_MINI.json"
 
 
@@ -54,6 +58,10 @@ class SynthParams:
     full_records: int = FULL_RECORDS
     subsets: list[int] | None = None  # only these classification subsets (default: all of 01-37)
     shape: str = "release"           # release: -train.json files only (as published) | legacy: + -test.json
+    # Entangled world only: every image of these subsets shows a look drawn at random from the lesion
+    # patterns no (triplet, label) of the world shows, so their labels have no look at all (the
+    # negative control's targets; world_params sets them to experiment.targets). None: none.
+    null_subsets: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -64,6 +72,8 @@ class SynthParams:
             raise ValueError("image_size must be >= 16")
         if self.train_per_subset < 1 or self.test_per_subset < 1:
             raise ValueError("train_per_subset and test_per_subset must be >= 1")
+        if self.null_subsets and not self.entangled:
+            raise ValueError("null_subsets applies to the entangled world only (entangled: true)")
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ def plan_world(params: SynthParams) -> list[DatasetPlan]:
     """One plan per catalogue dataset of the classification subsets: triplet, labels, sample counts.
 
     A subset's training and test budgets are spread over its datasets; test sets come in whole
-    label-balanced groups, at least one group per dataset.
+    label-balanced groups, at least one group per dataset. A null subset gets NULL_SCALE times both.
     """
     from medmat.catalog import load_catalog
 
@@ -100,10 +110,12 @@ def plan_world(params: SynthParams) -> list[DatasetPlan]:
         labels = tuple(subset_labels(s, sub.task, params.shared_normal))
         nos = sorted(sub.dataset_nos)
         n = len(nos)
-        groups = max(1, params.test_per_subset // len(labels))
+        scale = NULL_SCALE if s in (params.null_subsets or ()) else 1
+        n_train_total = params.train_per_subset * scale
+        groups = max(1, params.test_per_subset * scale // len(labels))
         for j, d in enumerate(nos):
             info = cat.dataset(d)
-            n_train = max(len(labels), params.train_per_subset // n + (j < params.train_per_subset % n))
+            n_train = max(len(labels), n_train_total // n + (j < n_train_total % n))
             g = max(1, groups // n + (j < groups % n))
             plans.append(DatasetPlan(d, s, info.modality, info.area, sub.task, qa.folder_name(d, info.name),
                                      labels, n_train, g * len(labels)))
@@ -118,8 +130,10 @@ def labels_by_kind(plans: list[DatasetPlan]) -> dict[tuple[str, str, str], set[s
     return out
 
 
-def generate_dataset(plan: DatasetPlan, patterns: dict, params: SynthParams) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
-    """Images (relative path -> PNG bytes) and QA records {"train": [...], "test": [...]} of one dataset."""
+def generate_dataset(plan: DatasetPlan, patterns: dict, params: SynthParams,
+                     null_pool: list[tuple] = ()) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
+    """Images (relative path -> PNG bytes) and QA records {"train": [...], "test": [...]} of one dataset.
+    A dataset of a null subset draws each image's look from `null_pool`, whatever its label."""
     from medmat.catalog import load_catalog
 
     scene = Scene(plan.modality, plan.area, Nuisance.draw(params.seed, plan.dataset_no), params.image_size)
@@ -134,7 +148,10 @@ def generate_dataset(plan: DatasetPlan, patterns: dict, params: SynthParams) -> 
             k = counter[label]
             counter[label] += 1
             rng = _rng(params.seed, params.entangled, "img", plan.dataset_no, label, k)
-            arr = scene.render(patterns[(plan.modality, plan.area, plan.task, label)], rng)
+            pattern = patterns[(plan.modality, plan.area, plan.task, label)]
+            if plan.subset_no in (params.null_subsets or ()):
+                pattern = null_look(null_pool, params.seed, plan.dataset_no, label, k)
+            arr = scene.render(pattern, rng)
             rel = f"med-mat/{plan.folder}/{label.replace('/', '_')}/{k}.png"
             images[rel] = encode_png(arr)
             pairs.append(qa.Pair(rel, label, split))
@@ -168,6 +185,7 @@ def generate(out: str | os.PathLike, params: SynthParams, progress: bool = True)
     t0 = time.perf_counter()
     plans = plan_world(params)
     patterns = pattern_table(labels_by_kind(plans), params.seed, params.entangled)
+    pool = null_looks(patterns) if params.null_subsets else []
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -178,7 +196,7 @@ def generate(out: str | os.PathLike, params: SynthParams, progress: bool = True)
     n_bytes = 0
     try:
         for plan in tqdm(plans, desc="synth", unit="dataset", disable=not progress):
-            images, recs = generate_dataset(plan, patterns, params)
+            images, recs = generate_dataset(plan, patterns, params, pool)
             for rel, data in images.items():
                 _write_bytes(tmp / rel, data)
                 n_bytes += len(data)
@@ -196,7 +214,7 @@ def generate(out: str | os.PathLike, params: SynthParams, progress: bool = True)
 
             full = write_full_metadata(tmp, plans, per_dataset, params.full_records, params.shape,
                                        progress=progress)
-        _write_bytes(tmp / MARKER, (json.dumps(world_card(plans, patterns, params), indent=1,
+        _write_bytes(tmp / MARKER, (json.dumps(world_card(plans, patterns, params, pool), indent=1,
                                                sort_keys=True) + "\n").encode())
         if out.exists():
             out.rmdir()
@@ -234,8 +252,12 @@ def test_fraction(plans: list[DatasetPlan]) -> float:
     return round(sum(p.n_test for p in plans) / total, 4) if total else 0.1
 
 
-def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams) -> dict:
-    """What the world is (written as MEDMAT_MINI.json): parameters, labels and lesion pattern per label."""
+def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams, null_pool: list[tuple] = ()) -> dict:
+    """What the world is (written as MEDMAT_MINI.json): parameters, labels, lesion pattern per label and
+    the looks the null subsets' images draw from."""
+    def name(pat: tuple | None) -> str | None:
+        return None if pat is None else f"{PATTERN_KINDS[pat[0]]}/{PATTERN_SIZES[pat[1]]}/{PATTERN_POSITIONS[pat[2]]}"
+
     return {
         "generator": "medmat synth", "seed": params.seed, "entangled": params.entangled,
         "shape": params.shape, "test_fraction": test_fraction(plans),
@@ -244,9 +266,8 @@ def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams) ->
                                          "folder": p.folder, "labels": list(p.labels),
                                          "train": p.n_train, "test": p.n_test} for p in plans},
         # "modality|area|task|label" (the keys of synth.pattern_table) -> kind/size/position
-        "patterns": {"|".join(key): (None if pat is None else
-                                     f"{PATTERN_KINDS[pat[0]]}/{PATTERN_SIZES[pat[1]]}/{PATTERN_POSITIONS[pat[2]]}")
-                     for key, pat in sorted(patterns.items())},
+        "patterns": {"|".join(key): name(pat) for key, pat in sorted(patterns.items())},
+        "null_looks": [name(pat) for pat in null_pool],
     }
 
 
@@ -258,6 +279,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--entangled", action="store_true", default=None,
                         help="negative control: lesion look depends on the modality")
+    parser.add_argument("--null-subsets", type=int, nargs="+", default=None, metavar="N",
+                        help="with --entangled: every image of these subsets draws its look at random from "
+                             "the looks no other subset shows (the negative control's targets)")
     parser.add_argument("--scale", choices=("mini", "full"), default=None,
                         help="full: also write ~2.36M-record metadata over the mini images")
     parser.add_argument("--no-shared-normal", dest="shared_normal", action="store_false", default=None,
@@ -275,19 +299,26 @@ def params_from_args(args: argparse.Namespace) -> SynthParams:
 
     values = dict(load_params(args.params).get("synth") or {}) if args.params.exists() else {}
     for key in ("seed", "entangled", "scale", "shared_normal", "train_per_subset", "test_per_subset", "full_records",
-                "shape"):
+                "shape", "null_subsets"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     return from_dict(SynthParams, values, where=f"{args.params}: section 'synth'")
 
 
 def world_params(params: str | os.PathLike = "params.yaml", entangled: bool | None = None) -> SynthParams:
-    """The `synth:` section of a params file; `entangled` overrides it (the negative control's world is
-    the main world's params with entangled looks)."""
+    """The `synth:` section of a params file; `entangled` overrides it. The negative control's world is
+    the main world's params with entangled looks, and its null subsets are the study's targets
+    (`experiment.targets`)."""
     from medmat.config import load_section
+    from medmat.experiment import ExperimentConfig
 
     synth = load_section(SynthParams, "synth", params)
-    return synth if entangled is None else dataclasses.replace(synth, entangled=entangled)
+    if entangled is not None:
+        synth = dataclasses.replace(synth, entangled=entangled)
+    if synth.entangled:
+        targets = load_section(ExperimentConfig, "experiment", params).targets
+        synth = dataclasses.replace(synth, null_subsets=[int(t) for t in targets])
+    return synth
 
 
 def regenerate_missing(records: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> bool:
