@@ -261,13 +261,15 @@ def world_card(plans: list[DatasetPlan], patterns: dict, params: SynthParams, nu
     return {
         "generator": "medmat synth", "seed": params.seed, "entangled": params.entangled,
         "shape": params.shape, "test_fraction": test_fraction(plans),
-        "params": {k: getattr(params, k) for k in params.__dataclass_fields__},
+        # null_subsets only where set: a world without them keeps the card (and its DVC hash) it had
+        "params": {k: getattr(params, k) for k in params.__dataclass_fields__
+                   if k != "null_subsets" or params.null_subsets},
         "datasets": {str(p.dataset_no): {"subset": p.subset_no, "triplet": f"{p.modality}-{p.area}-{p.task}",
                                          "folder": p.folder, "labels": list(p.labels),
                                          "train": p.n_train, "test": p.n_test} for p in plans},
         # "modality|area|task|label" (the keys of synth.pattern_table) -> kind/size/position
         "patterns": {"|".join(key): name(pat) for key, pat in sorted(patterns.items())},
-        "null_looks": [name(pat) for pat in null_pool],
+        **({"null_looks": [name(pat) for pat in null_pool]} if null_pool else {}),
     }
 
 

@@ -182,9 +182,10 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
     if below:
         out.append("In the control world Trained falls BELOW chance in " + ", ".join(
             f"{r['target']} {r['id']} ({r['trained']['acc']:.1f}%)" for r in below) + ": a target's looks there say "
-            "nothing of its labels, so any model's expected accuracy is exactly chance; an interval below it is "
-            "either one of the 1 in 40 draws that miss, or a model answering on something other than the image "
-            "(an answer letter, the question's wording).")
+            "nothing of its labels, so any model's expected accuracy is exactly chance. A 95% interval misses "
+            f"chance from below in 1 of 40 cells by chance alone (here {len(below)} of {len(crows)}); more would "
+            "point to a model answering on something other than the image (an answer letter, the question's "
+            "wording).")
     seeds = sorted({c["n_seeds"] for c in cells.values() if c})
     if seeds and max(seeds) < 5:
         out.append(f"Only {max(seeds)} training seeds per cell: the bootstrap's seed stage draws from "

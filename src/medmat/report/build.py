@@ -179,7 +179,8 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
                     "Gaps are paired by seed and question. ⚠ marks a degenerate cell (see Caveats).", "",
                     "## Headline", "", f"- **Main world**: {_claim_line(h, cfg)}"]
     if crows:
-        L.append(f"- **Negative control (entangled world)**: mean gap {hc['gap']:+.1f} points over {hc['rows']} rows, "
+        L.append(f"- **Negative control (entangled world, its targets null)**: mean gap {hc['gap']:+.1f} points over "
+                 f"{hc['rows']} rows, "
                  f"95% interval [{hc['lo']:+.1f}, {hc['hi']:+.1f}]; equivalence test (interval inside "
                  f"±{cfg.control_band:g} points): **{'passed' if control_ok else 'NOT passed'}**.")
     else:
