@@ -375,12 +375,6 @@ class Scene:
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def render(modality: str, area: str, pattern: tuple | None, nuisance: Nuisance,
-           rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
-    """One image (see Scene.render); builds the scene each call - use Scene for many images."""
-    return Scene(modality, area, nuisance, size).render(pattern, rng)
-
-
 def encode_png(arr: np.ndarray) -> bytes:
     """PNG bytes of a uint8 grey (H, W) or RGB (H, W, 3) array: fixed settings, no metadata chunks
     (no timestamps), so the same pixels always give the same bytes. Written directly (zlib, filter
