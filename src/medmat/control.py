@@ -55,23 +55,24 @@ def control_data(out: str = "work/control", params: str = "params.yaml", world: 
         atomic_write_json(root / "designs" / "designs.json", {"targets": {}, "note": "experiment.control is false"})
         pq.write_table(SCHEMA.empty_table(), root / "records.parquet")
         return 0
-    from medmat.data.ingest import IngestParams, ingest_to_parquet
-    from medmat.designs import design_targets
-
-    _generate_world(Path(world), params)
-    ingest_to_parquet(Path(world), root / "records.parquet", load_section(IngestParams, "ingest", params))
-    design_targets(root / "records.parquet", root / "designs", params)
+    build_world(root, params, Path(world), entangled=True)
     return 0
 
 
-def _generate_world(world: Path, params: str) -> None:
+def build_world(out: Path, params: str, world: Path, entangled: bool) -> None:
+    """Med-MAT-mini of `params`' `synth:` (entangled or not) into `world`, ingested and designed into
+    `out` (records.parquet, designs/) as the main world's stages do; also medmat.other_worlds's."""
     import shutil
 
+    from medmat.data.ingest import IngestParams, ingest_to_parquet
     from medmat.data.synth_world import generate, world_params
+    from medmat.designs import design_targets
 
     if world.exists():
         shutil.rmtree(world)  # synth refuses a non-empty folder; this module owns `world` entirely
-    generate(world, world_params(params, entangled=True), progress=False)
+    generate(world, world_params(params, entangled=entangled), progress=False)
+    ingest_to_parquet(world, out / "records.parquet", load_section(IngestParams, "ingest", params))
+    design_targets(out / "records.parquet", out / "designs", params)
 
 
 def main(argv: list[str] | None = None) -> int:
