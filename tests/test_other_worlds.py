@@ -9,6 +9,7 @@ import mlflow
 import pytest
 import yaml
 
+from medmat.config import ConfigError
 from medmat.data.records import world_of
 from medmat.other_worlds import main, parse_world
 
@@ -65,7 +66,7 @@ def test_another_world_runs_table3_and_reports_every_seed(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec", ["2", "2:", "x:04", ":04"])
 def test_a_bad_world_is_named(spec):
-    with pytest.raises(Exception, match="SYNTH_SEED:TARGET"):
+    with pytest.raises(ConfigError, match="SYNTH_SEED:TARGET"):
         parse_world(spec)
 
 

@@ -15,8 +15,8 @@ Trained's accuracy on every seed beside their sd: where seeds part, their accura
 A world is `SYNTH_SEED:TARGET,TARGET,...`. Run it from the repository after `dvc repro pretrain`
 (every arm starts from the main study's vision tower, `model.tiny.vision_init`, as in the study). Its
 runs go to the MLflow experiment `<tracking.experiment>-other-worlds`; each world (its images, table,
-designs, runs) to <out>/w<seed>-<targets>/, the verdicts to <out>/summary.json. Interrupted, it resumes: a world whose table
-and designs exist is not regenerated, and finished units are not retrained.
+designs, runs) to <out>/w<seed>-<targets>/, the verdicts to <out>/summary.json. Interrupted, it
+resumes: a world whose table and designs exist is not regenerated, and finished units are not retrained.
 """
 
 from __future__ import annotations
