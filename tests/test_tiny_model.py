@@ -251,42 +251,6 @@ def test_augmentation_is_train_time_only_and_keeps_range():
     assert min(corr) < -0.5 and max(corr) > 0.5
 
 
-def test_augmentation_in_one_pass_is_the_three_steps_composed():
-    """augment() applies inversion, greyscale and jitter as one matrix per image: the same images,
-    from the same random draws, as applying them one after another."""
-    cfg = TinyConfig(image_size=16)
-    m = TinyBackend(cfg).model
-    x = torch.rand(64, 3, 16, 16)
-
-    def step_by_step(x):
-        b = x.shape[0]
-        inv = (torch.rand(b, 1, 1, 1) < cfg.invert_p).float()
-        x = inv * (1 - x) + (1 - inv) * x
-        grey = (torch.rand(b, 1, 1, 1) < cfg.grey_p).float()
-        x = grey * x.mean(1, keepdim=True).expand_as(x) + (1 - grey) * x
-        gain = 1 + cfg.jitter * (2 * torch.rand(b, 3, 1, 1) - 1)
-        contrast = 1 + cfg.jitter * (2 * torch.rand(b, 1, 1, 1) - 1)
-        mean = x.mean((1, 2, 3), keepdim=True)
-        return ((x * gain - mean) * contrast + mean).clamp(0, 1)
-
-    torch.manual_seed(3)
-    want, next_want = step_by_step(x), torch.rand(1)
-    torch.manual_seed(3)
-    got, next_got = m.augment(x), torch.rand(1)
-    assert torch.allclose(got, want, atol=1e-5)
-    assert torch.equal(next_got, next_want)  # the same draws, so a seed's run draws what it drew before
-
-
-def test_patch_stem_sees_the_full_image_at_the_cost_of_a_smaller_one():
-    """patch: N: the first stage reads N x N squares (overlapping by a pixel), so a 64 px image leaves
-    it at the 16 x 16 a 32 px image does with the default 3x3 stride-2 stage; N must divide the size."""
-    small = TinyBackend(TinyConfig(image_size=32)).model
-    patched = TinyBackend(TinyConfig(image_size=64, patch=4)).model
-    assert small.cnn[0](torch.rand(2, 3, 32, 32)).shape == patched.cnn[0](torch.rand(2, 3, 64, 64)).shape == (2, 16, 16, 16)
-    with pytest.raises(ValueError, match="patch must be 0 or divide image_size 64, got 3"):
-        TinyConfig(image_size=64, patch=3)
-
-
 def test_bad_records_are_named(world, tmp_path):
     b = build(ModelConfig())
     row = _test_rows(world, ["04"]).iloc[0].to_dict()

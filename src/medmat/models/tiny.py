@@ -33,13 +33,6 @@ Why these pieces:
   "any lesion" (world seed 1: Mic-Cell-Cancer answered inverted, mean Table-3 gap -4.6 / -6.8 / -4.7 on
   base weights 0 / 1 / 2; at 0.3, +9.2 / +7.1 / +8.1). At 1.0 the batch's other modalities taught "CT
   never says COVID" (default world's gap +12, from +34).
-- Images at Med-MAT-mini's own 64 px, read by a first stage of 4 x 4 patches overlapping by a pixel
-  (`patch: 4`, kernel 6, stride 4): after it the CNN is the 32 px model's. At 32 px small striped,
-  dotted or checkered looks blur into spots: on world seed 2 COVID-19's small stripes at the upper
-  left of a lung became Malignant's soft blob there, and seeds parted on which of Benign and
-  Malignant a lung lesion was (CT-Lung-Cancer from CT-Lung-COVID + CT-Brain-Cancer, seeds 0-5:
-  99.0 73.8 82.4 67.1 100.0 75.7, sd 13.7; at 64 px: 100.0 on all six). Patches without overlap
-  (kernel 4) pretrained worse (dev 0.593 against 0.665) and parted on another row.
 - `norm: group` (GroupNorm) is kept as an option; instance norm transferred better across modalities
   on Med-MAT-mini (Related on CT-Lung-COVID, 3 seeds: 91 vs 86 %).
 """
@@ -70,8 +63,7 @@ class TinyConfig:
     """params.yaml `model.tiny`."""
 
     image_size: int = 32  # images are resized to image_size x image_size RGB
-    channels: tuple = (16, 32, 64)  # CNN widths, one stride-2 stage each (the first: see `patch`)
-    patch: int = 0  # >0: the first stage reads patch x patch squares, overlapping by a pixel (kernel patch+2)
+    channels: tuple = (16, 32, 64)  # CNN widths, one stride-2 stage each
     embed_dim: int = 64  # word and joint embedding width
     hidden: int = 128
     min_word_count: int = 1  # words seen fewer times in training map to UNK
@@ -93,8 +85,6 @@ class TinyConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if self.image_size < 8 or not self.channels or self.embed_dim < 1:
             raise ValueError("image_size >= 8, channels non-empty and embed_dim >= 1 required")
-        if self.patch < 0 or (self.patch and self.image_size % self.patch):
-            raise ValueError(f"patch must be 0 or divide image_size {self.image_size}, got {self.patch}")
         if self.ngram_buckets < 0 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("ngram_buckets >= 0 and 1 <= ngram_min <= ngram_max required")
         if self.norm not in ("group", "instance"):
@@ -127,10 +117,8 @@ class TinyVLM(nn.Module):
 
     def _build(self, cfg: TinyConfig, vocab: list[str]) -> None:
         layers, c_in = [], 3
-        for i, c in enumerate(cfg.channels):
-            conv = (nn.Conv2d(c_in, c, cfg.patch + 2, stride=cfg.patch, padding=1, bias=False) if i == 0 and cfg.patch
-                    else nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False))
-            layers += [conv, _norm_layer(cfg.norm, c), nn.GELU()]
+        for c in cfg.channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), _norm_layer(cfg.norm, c), nn.GELU()]
             c_in = c
         self.cnn = nn.Sequential(*layers)
         self.img_proj = nn.Linear(c_in, cfg.embed_dim)
@@ -159,24 +147,17 @@ class TinyVLM(nn.Module):
                 self.opt_bias.weight.zero_()
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample intensity inversion, greyscale and colour/contrast jitter (x in [0, 1]).
-
-        All three are linear in x, so they are applied as one 3x3 matrix and offset per sample: one
-        pass over the pixels instead of a dozen (at 64 px, a third of a training step)."""
+        """Per-sample intensity inversion, greyscale and colour/contrast jitter (x in [0, 1])."""
         cfg, b = self.cfg, x.shape[0]
         dev = x.device
-        inv = (torch.rand(b, 1, 1, 1, device=dev) < cfg.invert_p).to(x.dtype).view(b, 1)
-        grey = (torch.rand(b, 1, 1, 1, device=dev) < cfg.grey_p).to(x.dtype).view(b, 1, 1)
-        gain = 1 + cfg.jitter * (2 * torch.rand(b, 3, 1, 1, device=dev) - 1).view(b, 3)
-        contrast = 1 + cfg.jitter * (2 * torch.rand(b, 1, 1, 1, device=dev) - 1).view(b, 1)
-        # x -> sign*x + inv (inversion); -> mix x (greyscale: every channel their mean); then
-        # (gain*x - mean)*contrast + mean, mean being the image's mean after the first two.
-        sign = 1 - 2 * inv
-        mix = grey / 3 + (1 - grey) * torch.eye(3, dtype=x.dtype, device=dev)  # (b, 3, 3); rows sum to 1
-        mean = (mix @ (sign * x.mean((2, 3)) + inv).unsqueeze(-1)).mean((1, 2)).unsqueeze(1)  # (b, 1)
-        matrix = (contrast * gain).unsqueeze(-1) * mix * sign.unsqueeze(-1)
-        offset = contrast * gain * inv + (1 - contrast) * mean  # mix keeps the constant inv
-        return (torch.einsum("bij,bjhw->bihw", matrix, x) + offset[:, :, None, None]).clamp(0, 1)
+        inv = (torch.rand(b, 1, 1, 1, device=dev) < cfg.invert_p).to(x.dtype)
+        x = inv * (1 - x) + (1 - inv) * x
+        grey = (torch.rand(b, 1, 1, 1, device=dev) < cfg.grey_p).to(x.dtype)
+        x = grey * x.mean(1, keepdim=True).expand_as(x) + (1 - grey) * x
+        gain = 1 + cfg.jitter * (2 * torch.rand(b, 3, 1, 1, device=dev) - 1)
+        contrast = 1 + cfg.jitter * (2 * torch.rand(b, 1, 1, 1, device=dev) - 1)
+        mean = x.mean((1, 2, 3), keepdim=True)
+        return ((x * gain - mean) * contrast + mean).clamp(0, 1)
 
     def forward(self, images, q_ids, q_offsets, o_ids, o_offsets, o_mask, bank_ids=None, bank_offsets=None):
         """Scores of each record's options (B, K), -inf where missing; with a bank, also of every bank
@@ -196,10 +177,7 @@ class TinyVLM(nn.Module):
         if self.training and self.cfg.augment:
             x = self.augment(x)
         # Instance-normalise the input too: each modality's overall brightness/contrast is removed.
-        # (torch.std over the pixels was a third of a 64 px training step; this is the same, unbiased, sd)
-        x = x - x.mean((2, 3), keepdim=True)
-        sd = (x.square().sum((2, 3), keepdim=True) / (x.shape[2] * x.shape[3] - 1)).sqrt()
-        x = x / (sd + 1e-3)
+        x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)
         img = self.img_proj(self.cnn(x).mean((2, 3)))
         q = self.words(q_ids, q_offsets)
         return self.joint(torch.cat([img, q, img * q], dim=1))
