@@ -164,7 +164,10 @@ def test_killed_search_resumes_without_lost_or_duplicated_trials(tmp_path):
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [t.number for t in failed] == [killed_running]           # only the killed one failed
     retries = [t for t in trials if t.user_attrs.get(search.RETRY_OF) == killed_running]
-    assert len(retries) == 1 and retries[0].state in search.FINISHED  # re-run exactly once
+    if not killed_params:  # killed between ask and its first suggest (a loaded machine's timing):
+        assert retries == []  # nothing to re-run; the budget's count samples a new trial instead
+    else:
+        assert len(retries) == 1 and retries[0].state in search.FINISHED  # re-run exactly once
     if mixture_fixed:  # killed while training: the retry trains the same mixture
         assert dict(retries[0].params) == killed_params
     for num, (state, value, params) in before.items():              # finished trials untouched
