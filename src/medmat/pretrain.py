@@ -190,7 +190,7 @@ def check_tower(metrics: dict, cfg: PretrainConfig) -> None:
         return
     per_question = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics["dev_accuracy_by_question"].items()))
     raise ConfigError(
-        f"pretrain: the vision tower reached dev accuracy {metrics['dev_accuracy']:.3f} ({per_question}), below "
+        f"the vision tower reached dev accuracy {metrics['dev_accuracy']:.3f} ({per_question}), below "
         f"pretrain.min_dev_accuracy {cfg.min_dev_accuracy}: it has not learned the generic shapes, places and "
         f"sizes that every arm starts from (pretrain.seed {cfg.seed}, {cfg.steps} steps), so no tower was "
         f"written ({METRICS} has the figures). Try another pretrain.seed; pretrain.min_dev_accuracy: 0 keeps any tower.")
