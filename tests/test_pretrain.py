@@ -163,3 +163,33 @@ def test_a_tower_below_the_floor_stops_the_stage_and_is_not_written(tmp_path, mo
     assert not (tmp_path / "work/pretrain/vision.safetensors").exists()
     metrics = json.loads((tmp_path / "work/pretrain/metrics.json").read_text())
     assert metrics["dev_accuracy"] < 1.0 and set(metrics["dev_accuracy_by_question"]) == {"what", "where", "size"}
+
+
+def test_pretrain_text_init_std_sets_the_pretraining_text_side_only(tmp_path, monkeypatch):
+    """`pretrain.text_init_std` (check_tower's remedy for a pretraining that stays on a plateau) starts the
+    stage's text side at that scale; the tower it writes differs, and the study's model.tiny is untouched."""
+    import mlflow
+
+    from medmat.models import build
+
+    monkeypatch.chdir(tmp_path)
+    path = _params(tmp_path)
+    pretrain(str(path))
+    tower = tmp_path / "work/pretrain/vision.safetensors"
+    default_tower = tower.read_bytes()
+    params = yaml.safe_load(path.read_text())
+    params["pretrain"]["text_init_std"] = 0.3
+    path.write_text(yaml.safe_dump(params))
+    pretrain(str(path))
+    assert tower.read_bytes() != default_tower
+
+    mlflow.set_tracking_uri(params["tracking"]["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=["medmat-cg-pretrain"], order_by=["attributes.start_time ASC"])
+    assert list(runs["params.model.tiny.text_init_std"].fillna("model.tiny's")) == ["model.tiny's", "0.3"]
+    study_model = build(params["model"])
+    assert study_model.cfg.text_init_std == 0.02
+
+    params["pretrain"]["text_init_std"] = 0
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="text_init_std must be > 0"):
+        pretrain(str(path))
