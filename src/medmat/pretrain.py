@@ -193,13 +193,14 @@ def check_tower(metrics: dict, cfg: PretrainConfig) -> None:
     tower (9 seeds each): 4 of 11 rows at chance on most seeds (exactly 33.3 or 25.0), seed sd up to 19.3;
     from the towers of seeds 0 and 2, at most 3.3 and 4.5.
     The remedy the message names: the option texts' embeddings start at model.tiny's 0.02, so at first
-    every answer scores nearly the same, and seed 1's corpus stays on that plateau (training loss 1.49
-    after 3000 steps, seed 0's 0.88; the corpus decides, not the training order: with coordinate channels
-    added, corpus 1 in seed 0's order reached 0.463, corpus 0 in seed 1's 0.715). Started at 0.3
+    every answer scores nearly the same, and seed 1's corpus stays on that plateau (a probe with
+    coordinate channels added to the input: training loss 1.49 after 3000 steps against seed 0's 0.88;
+    corpus 1 in seed 0's training order 0.463, corpus 0 in seed 1's 0.715: the corpus decides). Started at 0.3
     (`pretrain.text_init_std`), seeds 0-4 reach 0.660 / 0.688 / 0.677 / 0.733 / 0.712 (at 0.02: 0.663 /
-    0.450 / 0.650 / 0.720 / 0.655). It is not the default: the study's numbers come from the default
-    tower, and from the 0.3 towers of seeds 0-2 some default Related arm's seeds parted between two
-    readings (6 seeds each: largest sd 8.4, 6.0, 9.0; 28's row with 03 and 30 at 72-77% or 83-94%)."""
+    0.450 / 0.650 / 0.720 / 0.655). It is not the default: from the 0.3 towers, six seeds of every
+    default Related arm parted in one row on 4 of the 5 (largest sd 8.4 / 6.0 / 9.0 / 4.4 / 6.7; 28's row
+    with 03 and 30 at 72-77% or 83-94%), from the four 0.02 towers that converged at most 3.7 / 5.0 /
+    3.7 / 4.7 (README, "Seeds")."""
     if metrics["dev_accuracy"] >= cfg.min_dev_accuracy:
         return
     per_question = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics["dev_accuracy_by_question"].items()))
