@@ -160,7 +160,12 @@ def test_a_tower_below_the_floor_stops_the_stage_and_is_not_written(tmp_path, mo
     err = capsys.readouterr().err
     assert "below pretrain.min_dev_accuracy 1.0" in err and "no tower was written" in err
     assert "where " in err and "pretrain.seed 0" in err
+    assert "pretrain.text_init_std: 0.3 converged" in err  # the remedy, named while it is unset
     assert not (tmp_path / "work/pretrain/vision.safetensors").exists()
+    params["pretrain"]["text_init_std"] = 0.3
+    path.write_text(yaml.safe_dump(params))
+    assert main(["--params", str(path)]) == 2
+    assert "Try another pretrain.seed (pretrain.text_init_std is already 0.3)" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "work/pretrain/metrics.json").read_text())
     assert metrics["dev_accuracy"] < 1.0 and set(metrics["dev_accuracy_by_question"]) == {"what", "where", "size"}
 

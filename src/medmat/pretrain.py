@@ -204,12 +204,15 @@ def check_tower(metrics: dict, cfg: PretrainConfig) -> None:
     if metrics["dev_accuracy"] >= cfg.min_dev_accuracy:
         return
     per_question = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics["dev_accuracy_by_question"].items()))
+    remedy = ("pretrain.text_init_std: 0.3 converged every seed tried (0-4; every arm then starts from another "
+              "tower, so the study's numbers change), or try another pretrain.seed"
+              if cfg.text_init_std is None else
+              f"Try another pretrain.seed (pretrain.text_init_std is already {cfg.text_init_std})")
     raise ConfigError(
         f"the vision tower reached dev accuracy {metrics['dev_accuracy']:.3f} ({per_question}), below "
         f"pretrain.min_dev_accuracy {cfg.min_dev_accuracy}: it has not learned the generic shapes, places and "
         f"sizes that every arm starts from (pretrain.seed {cfg.seed}, {cfg.steps} steps), so no tower was "
-        f"written ({METRICS} has the figures). pretrain.text_init_std: 0.3 converged every seed tried (0-4; "
-        f"every arm then starts from another tower, so the study's numbers change), or try another pretrain.seed; "
+        f"written ({METRICS} has the figures). {remedy}; "
         f"pretrain.min_dev_accuracy: 0 keeps any tower.")
 
 
