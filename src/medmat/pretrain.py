@@ -199,8 +199,8 @@ def check_tower(metrics: dict, cfg: PretrainConfig) -> None:
     (`pretrain.text_init_std`), seeds 0-4 reach 0.660 / 0.688 / 0.677 / 0.733 / 0.712 (at 0.02: 0.663 /
     0.450 / 0.650 / 0.720 / 0.655). It is not the default: from the 0.3 towers, six seeds of every
     default Related arm parted in one row on 4 of the 5 (largest sd 8.4 / 6.0 / 9.0 / 4.4 / 6.7; 28's row
-    with 03 and 30 at 72-77% or 83-94%), from the four 0.02 towers that converged at most 3.7 / 5.0 /
-    3.7 / 4.7 (README, "Seeds")."""
+    with 03 and 30 on towers 0, 2 and 4: seeds near 75% or near 90%, 72-94%), from the four 0.02 towers
+    that converged at most 3.7 / 5.0 / 3.7 / 4.7 (README, "Seeds")."""
     if metrics["dev_accuracy"] >= cfg.min_dev_accuracy:
         return
     per_question = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics["dev_accuracy_by_question"].items()))
