@@ -50,9 +50,16 @@ def test_another_world_runs_table3_and_reports_every_seed(tmp_path, capsys):
     assert (world["rows_over_sd_limit"] == ["03/fixed_area-04-28"]) == (row["trained_sd"] > 5)
     assert row["lo"] <= row["gap"] <= row["hi"] and world["n_rows"] == 1
     assert world["claim"] == (row["significant"] and world["lo"] > 0)  # one row: most rows = that row
+    # the same verdict over the rows whose Related data name more of the target's labels than Baseline+'s
+    ceiling = row["name_ceiling"]
+    edge = ceiling["related"] > ceiling["baseline_plus"]
+    assert world["headroom"]["n_rows"] == int(edge)
+    assert world["headroom"]["mean_gap"] == (world["mean_gap"] if edge else None)
     printed = capsys.readouterr().out
     assert "world synth seed 1, targets 03" in printed
     assert " ".join(f"{a:.1f}" for a in accs) in printed  # every seed's accuracy, not only their sd
+    assert f"{ceiling['related']:.1f} / {ceiling['baseline_plus']:.1f}" in printed
+    assert f"name ceiling above Baseline+'s): {int(edge)}" in printed
 
     mlflow.set_tracking_uri(params["tracking"]["tracking_uri"])
     assert mlflow.get_experiment_by_name("test-study-other-worlds") is not None  # apart from the study's runs

@@ -339,3 +339,54 @@ def test_search_best_retrained_beside_its_trial_and_its_degenerate_cell_counted(
     line = next(x for x in text.splitlines() if x.startswith("- Degenerate cells"))
     assert "03 search_best: one letter" in line
     assert summary["degenerate_cells"] == degenerate + 1
+
+
+@pytest.mark.parametrize("named, labels, options", [(0, 2, 2), (1, 2, 2), (1, 3, 3), (0, 4, 4), (1, 4, 4), (2, 4, 4),
+                                                    (1, 7, 4), (3, 7, 4), (5, 7, 4), (6, 7, 4), (7, 7, 4), (2, 9, 4)])
+def test_name_ceiling_is_the_expected_accuracy_of_reading_every_named_label(named, labels, options):
+    """Against every question there is: each label asked for, with every set of distractors
+    medmat.data.qa can draw; a named answer is right, an unnamed one a uniform guess among the
+    unnamed options (the named ones ruled out)."""
+    from itertools import combinations
+
+    from medmat.report.analysis import name_ceiling
+
+    names = set(range(named))
+    per_label = []
+    for answer in range(labels):
+        sets = list(combinations([x for x in range(labels) if x != answer], min(options, labels) - 1))
+        per_label.append(sum(1.0 if answer in names else 1 / (1 + len(set(d) - names)) for d in sets) / len(sets))
+    assert name_ceiling(named, labels, options) == pytest.approx(100 * sum(per_label) / labels)
+    assert name_ceiling(0, labels, options) == pytest.approx(100 / min(options, labels))  # nothing named: chance
+
+
+def test_rows_where_the_names_give_related_an_edge_are_judged_apart(study):
+    """The name ceiling comes from the designs (labels seen), and the second headline counts only the
+    rows where Related's ceiling is above Baseline+'s: a row where both name the same labels is left out."""
+    path = study / "designs" / "03" / "index.json"
+    index = json.loads(path.read_text())
+    seen = {"fixed_area-04-28": (["A", "B", "C"], ["A"]), "fixed_task-28-05": (["A"], ["A"])}
+    for c in index["combinations"]:
+        c["target_labels"] = ["A", "B", "C"]
+        c["labels_seen"] = dict(zip(("related", "baseline_plus"), seen[c["id"]]))
+    path.write_text(json.dumps(index))
+    summary = build(study)
+    text = (study / "reports" / "report.md").read_text()
+    assert "| 3/3 / 1/3 | 100.0 / 66.7 |" in text and "| 1/3 / 1/3 | 66.7 / 66.7 |" in text
+    assert summary["main_rows"] == 2 and summary["headroom_rows"] == 1
+    assert summary["headroom_significant"] == 1 and summary["headroom_claim_supported"]
+    line = next(x for x in text.splitlines() if x.startswith("- **Main world, rows where the names"))
+    assert "over 1 rows" in line and f"= {summary['headroom_mean_gap_pts']:+.1f} points" in line
+    rows = {r["combination"]: r for r in csv.DictReader((study / "reports/plots/table3.csv").open())
+            if r["world"] == "main"}
+    assert float(rows["fixed_task-28-05"]["name_ceiling_related"]) == pytest.approx(200 / 3, abs=0.01)
+
+
+def test_without_labels_seen_there_is_no_ceiling_and_no_second_headline(study):
+    summary = build(study)  # the fixture's designs predate labels_seen
+    text = (study / "reports" / "report.md").read_text()
+    assert "rows where the names" not in text and summary["headroom_rows"] == 0
+    row = next(x for x in text.splitlines() if x.startswith("| 03 CT-Lung-COVID | Fixed area"))
+    header = next(x for x in text.splitlines() if x.startswith("| target | direction"))
+    cells = dict(zip((h.strip() for h in header.split("|")), (c.strip() for c in row.split("|"))))
+    assert cells["labels seen (T / B+)"] == cells["name ceiling % (T / B+)"] == "-"

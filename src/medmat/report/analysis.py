@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
+from math import comb
 from typing import Any
 
 from medmat import stats
@@ -59,6 +60,7 @@ def table3(world: dict[str, dict[str, Any]], n_boot: int, seed: int) -> list[dic
                    "members": combo.get("members", {}), "paper": combo.get("paper"),
                    "matched": combo.get("matched", True), "shortfall": combo.get("shortfall", 0),
                    "target_labels": combo.get("target_labels", []), "labels_seen": combo.get("labels_seen", {}),
+                   "ceiling": name_ceilings(combo, rel.n_options),
                    "baseline": cell(base, n_boot, seed), "baseline_plus": cell(bp, n_boot, seed),
                    "trained": cell(rel, n_boot, seed),
                    "gap": _gap(rel, bp, n_boot, seed), "gap_baseline": _gap(rel, base, n_boot, seed),
@@ -71,6 +73,40 @@ def table3(world: dict[str, dict[str, Any]], n_boot: int, seed: int) -> list[dic
                                   ("Trained", row["trained"])) if c and c["degenerate"]]
             rows.append(row)
     return rows
+
+
+def name_ceiling(named: int, labels: int, options: int) -> float:
+    """Accuracy (%) on a label-balanced test of a model that reads every label its training answers
+    named and guesses uniformly among the options it never met. A question asking for a named label is
+    right; one asking for an unnamed label is right with 1/(1 + U), U the unnamed labels among its
+    options-1 distractors, drawn uniformly from the other labels (as medmat.data.qa draws them), so U is
+    hypergeometric. Med-MAT-mini draws each label name's look apart from every other's, so in
+    expectation no model trained on these answers scores more: an unnamed label's look carries
+    nothing it learned. (A model that knows the words before training, as an MLLM on real Med-MAT
+    does, is not bound by it.)"""
+    if named >= labels:
+        return 100.0
+    drawn, others, unnamed_others = min(options, labels) - 1, labels - 1, labels - named - 1
+    p_right = sum(comb(unnamed_others, u) * comb(others - unnamed_others, drawn - u) / comb(others, drawn) / (1 + u)
+                  for u in range(max(0, drawn - (others - unnamed_others)), min(drawn, unnamed_others) + 1))
+    return 100.0 * (named + (labels - named) * p_right) / labels
+
+
+def name_ceilings(combo: dict[str, Any], n_options: int | None) -> dict[str, float] | None:
+    """The name ceiling of the Related and the Baseline+ arm of one combination (None when its design
+    predates `labels_seen` or the questions are unknown)."""
+    labels, seen = combo.get("target_labels", []), combo.get("labels_seen")
+    if not labels or not seen or not n_options:
+        return None
+    return {arm: name_ceiling(len(seen.get(arm, [])), len(labels), n_options) for arm in ("related", "baseline_plus")}
+
+
+def headroom_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows where the names alone give the Related data an edge: its name ceiling above Baseline+'s.
+    Read from the designs before any training, so choosing these rows looks at no result. Elsewhere a
+    gain can only come from how a name's look carries across contexts (a "Normal" learned on another
+    modality reads less well), not from what the data name."""
+    return [r for r in rows if r["ceiling"] and r["ceiling"]["related"] > r["ceiling"]["baseline_plus"] + 1e-9]
 
 
 def headline(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:

@@ -63,6 +63,11 @@ def _labels_seen(row: dict) -> str:
     return " / ".join(f"{len(seen.get(arm, []))}/{k}" for arm in ("related", "baseline_plus"))
 
 
+def _ceiling(row: dict) -> str:
+    c = row["ceiling"]
+    return "-" if not c else f"{c['related']:.1f} / {c['baseline_plus']:.1f}"
+
+
 def _paper(p: dict | None, key: str) -> str:
     return "-" if not p else f"{p[key]:g}"
 
@@ -104,6 +109,7 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
     (out / "plots").mkdir(parents=True, exist_ok=True)
     rows, crows = analysis.table3(main, nb, bs), analysis.table3(ctrl, nb, bs)
     h, hc = analysis.headline(rows, nb, bs), analysis.headline(crows, nb, bs)
+    hh = analysis.headline(analysis.headroom_rows(rows), nb, bs)
     control_ok = analysis.control_verdict(hc, cfg.control_band)
     replicated = _replicated_control(control_worlds_path)
 
@@ -178,6 +184,10 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
                     "a two-stage bootstrap (seeds resampled, then test questions; inside [0, 100] by construction). "
                     "Gaps are paired by seed and question. ⚠ marks a degenerate cell (see Caveats).", "",
                     "## Headline", "", f"- **Main world**: {_claim_line(h, cfg)}"]
+    if any(r["ceiling"] for r in rows):
+        L.append("- **Main world, rows where the names give the Related data an edge** (its name ceiling above "
+                 "Baseline+'s, from the designs alone; column \"name ceiling\"): "
+                 + (_claim_line(hh, cfg) if hh["rows"] else "none of the rows."))
     if crows:
         L.append(f"- **Negative control (entangled world, its targets null)**: mean gap {hc['gap']:+.1f} points over "
                  f"{hc['rows']} rows, "
@@ -206,20 +216,22 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
           "T sd = Trained's seed-to-seed sd (points); labels seen = how many of the target's labels the Related / "
           "Baseline+ arm's training answers name (the tiny model learns a name only from training answers); "
           "guessed = % of the Trained / Baseline+ answers the seeded tie-break decided (two or more options "
-          "scored the same best: names the model never met are tied).", "",
+          "scored the same best: names the model never met are tied); name ceiling = the accuracy of a model "
+          "that reads every label the arm's training answers name and guesses among the rest, from the "
+          "designs alone (`analysis.name_ceiling`).", "",
           "| target | direction | Related | paper row | paper B / B+ / T | Baseline | Baseline+ | Trained | T sd | "
-          "labels seen (T / B+) | guessed % (T / B+) | gap (pts) | |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "labels seen (T / B+) | name ceiling % (T / B+) | guessed % (T / B+) | gap (pts) | |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paper"]
         rel = ", ".join(f"{k} {v}" for k, v in r["members"].items()) or ", ".join(r["related"])
         L.append(f"| {r['target']} {r['triplet']} | {DIRECTION_NAMES.get(r['direction'], r['direction'])} | {rel} | "
                  f"{p['row'] if p else '-'} | {_paper(p, 'baseline')} / {_paper(p, 'baseline_plus')} / "
                  f"{_paper(p, 'trained')} | {_acc(r['baseline'])} | {_acc(r['baseline_plus'])} | {_acc(r['trained'])} | "
-                 f"{_sd(r['trained'])} | {_labels_seen(r)} | {_guessed(r)} | "
+                 f"{_sd(r['trained'])} | {_labels_seen(r)} | {_ceiling(r)} | {_guessed(r)} | "
                  f"{_gap(r['gap'])}{'*' if r['significant'] else ''} | {'✓' if r['improves'] else '✗'} |")
     if not rows:
-        L.append("| (no Related runs found) | | | | | | | | | | | | |")
+        L.append("| (no Related runs found) | | | | | | | | | | | | | |")
     dropped = [f"- {t}: {d.get('id', '?')}: {d.get('reason', '')}" for t, w in sorted(main.items())
                for d in w["index"].get("dropped", [])]
     if dropped:
@@ -292,6 +304,9 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
         "main_rows": h["rows"], "main_improves": h["improves"], "main_significant": h["significant"],
         "main_mean_gap_pts": rnd(h["gap"]), "main_gap_ci95_pts": [rnd(h["lo"]), rnd(h["hi"])],
         "main_claim_supported": analysis.positive_claim(h),
+        "headroom_rows": hh["rows"], "headroom_significant": hh["significant"],
+        "headroom_mean_gap_pts": rnd(hh["gap"]), "headroom_gap_ci95_pts": [rnd(hh["lo"]), rnd(hh["hi"])],
+        "headroom_claim_supported": analysis.positive_claim(hh),
         "control_rows": hc["rows"], "control_mean_gap_pts": rnd(hc["gap"]),
         "control_gap_ci95_pts": [rnd(hc["lo"]), rnd(hc["hi"])], "control_equivalent": control_ok,
         "degenerate_cells": sum(bool(c and c["degenerate"]) for k, c in all_cells.items() if k.startswith("main/")),

@@ -2,8 +2,9 @@
 
 Data files (reports/plots/), one row per bar or point:
 - table3.csv: row, target, combination, direction, world, baseline, baseline_plus, trained, trained_sd,
-  labels, labels_seen_related, labels_seen_baseline_plus, ours_gap, gap_lo, gap_hi, significant,
-  paper_baseline, paper_baseline_plus, paper_trained, paper_gap
+  labels, labels_seen_related, labels_seen_baseline_plus, name_ceiling_related,
+  name_ceiling_baseline_plus, ours_gap, gap_lo, gap_hi, significant, paper_baseline, paper_baseline_plus,
+  paper_trained, paper_gap
 - scaleup.csv: arm, target, accuracy, lo, hi, paper
 - limited.csv: target, companion, k, accuracy, lo, hi
 - search.csv: target, trial, dev_accuracy, best_so_far, source
@@ -53,8 +54,9 @@ def _err(c: dict[str, Any]) -> tuple[float, float]:
 
 
 TABLE3_FIELDS = ["row", "target", "combination", "direction", "world", "baseline", "baseline_plus", "trained",
-                 "trained_sd", "labels", "labels_seen_related", "labels_seen_baseline_plus", "ours_gap", "gap_lo", "gap_hi", "significant", "paper_baseline", "paper_baseline_plus",
-                 "paper_trained", "paper_gap"]
+                 "trained_sd", "labels", "labels_seen_related", "labels_seen_baseline_plus", "name_ceiling_related",
+                 "name_ceiling_baseline_plus", "ours_gap", "gap_lo", "gap_hi", "significant", "paper_baseline",
+                 "paper_baseline_plus", "paper_trained", "paper_gap"]
 
 
 def table3_data(rows: list[dict], world: str) -> list[dict[str, Any]]:
@@ -68,6 +70,7 @@ def table3_data(rows: list[dict], world: str) -> list[dict[str, Any]]:
                     "trained_sd": r["trained"]["sd_seeds"] if r["trained"] else math.nan,
                     "labels": len(r["target_labels"]),
                     **{f"labels_seen_{arm}": len(r["labels_seen"].get(arm, [])) for arm in ("related", "baseline_plus")},
+                    **{f"name_ceiling_{arm}": (r["ceiling"] or {}).get(arm, math.nan) for arm in ("related", "baseline_plus")},
                     "ours_gap": g.get("gap", math.nan), "gap_lo": g.get("lo", math.nan), "gap_hi": g.get("hi", math.nan),
                     "significant": r["significant"], "paper_baseline": p.get("baseline", ""),
                     "paper_baseline_plus": p.get("baseline_plus", ""), "paper_trained": p.get("trained", ""),
