@@ -380,6 +380,22 @@ def test_rows_where_the_names_give_related_an_edge_are_judged_apart(study):
     rows = {r["combination"]: r for r in csv.DictReader((study / "reports/plots/table3.csv").open())
             if r["world"] == "main"}
     assert float(rows["fixed_task-28-05"]["name_ceiling_related"]) == pytest.approx(200 / 3, abs=0.01)
+    assert "above its name ceiling" not in text  # Trained at 90% with every label named: within it
+
+
+def test_a_trained_arm_above_its_name_ceiling_is_named(study):
+    """Related names none of the labels (ceiling 33.3, chance), yet Trained scores 90%: a leak or shared
+    looks, and the report says which row and by how much."""
+    path = study / "designs" / "03" / "index.json"
+    index = json.loads(path.read_text())
+    for c in index["combinations"]:
+        c["target_labels"], c["labels_seen"] = ["A", "B", "C"], {"related": [], "baseline_plus": []}
+    path.write_text(json.dumps(index))
+    build(study)
+    text = (study / "reports" / "report.md").read_text()
+    caveat = next(x for x in text.splitlines() if "above its name ceiling" in x)
+    assert "03 fixed_area-04-28 (" in caveat and "against 33.3)" in caveat
+    assert "fixed_task-28-05" not in caveat  # its Trained sits at chance, inside the ceiling
 
 
 def test_without_labels_seen_there_is_no_ceiling_and_no_second_headline(study):

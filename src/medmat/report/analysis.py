@@ -167,6 +167,14 @@ def caveats(rows: list[dict[str, Any]], crows: list[dict[str, Any]], cells: dict
             f"{r['target']} {r['id']} ({r['trained']['sd_seeds']:.1f}{_seeds_differ_on(r['_pair'][0])})" for r in wide)
             + ": these rows' gaps rest on unstable training; read their intervals, not their means.")
     out += _unseen_labels(rows)
+    over = [r for r in rows if r["ceiling"] and r["trained"] and r["trained"]["lo"] > r["ceiling"]["related"]]
+    if over:
+        out.append("Trained's interval lies above its name ceiling in " + ", ".join(
+            f"{r['target']} {r['id']} ({r['trained']['acc']:.1f} [{r['trained']['lo']:.1f}, {r['trained']['hi']:.1f}] "
+            f"against {r['ceiling']['related']:.1f})" for r in over) + ": it reads labels no training answer "
+            "named. On Med-MAT-mini, where each name's look is drawn apart from the others', that points to "
+            "target images in the training data or to looks shared between names; a model that knows the "
+            "label words before training (an MLLM on real data) is not bound by the ceiling.")
     guessing = {r["target"]: r for r in rows if _seen(r, "baseline_plus") == 0 and r["baseline"] and r["baseline_plus"]
                 and r["baseline_plus"]["per_seed"] == r["baseline"]["per_seed"]}
     if guessing:
