@@ -381,6 +381,8 @@ def test_rows_where_the_names_give_related_an_edge_are_judged_apart(study):
             if r["world"] == "main"}
     assert float(rows["fixed_task-28-05"]["name_ceiling_related"]) == pytest.approx(200 / 3, abs=0.01)
     assert "above its name ceiling" not in text  # Trained at 90% with every label named: within it
+    assert "ceiling.png" in summary["figures"] and (study / "reports" / "ceiling.png").stat().st_size > 0
+    assert "![Trained and Baseline+ against their name ceilings](ceiling.png)" in text
 
 
 def test_a_trained_arm_above_its_name_ceiling_is_named(study):
@@ -402,6 +404,7 @@ def test_without_labels_seen_there_is_no_ceiling_and_no_second_headline(study):
     summary = build(study)  # the fixture's designs predate labels_seen
     text = (study / "reports" / "report.md").read_text()
     assert "rows where the names" not in text and summary["headroom_rows"] == 0
+    assert "ceiling.png" not in summary["figures"] and "ceiling.png" not in text
     row = next(x for x in text.splitlines() if x.startswith("| 03 CT-Lung-COVID | Fixed area"))
     header = next(x for x in text.splitlines() if x.startswith("| target | direction"))
     cells = dict(zip((h.strip() for h in header.split("|")), (c.strip() for c in row.split("|"))))

@@ -119,6 +119,8 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
     if rows:
         plots.plot_table3(rows, crows, out / "table3.png", cfg.dpi, cfg.figure_width, cfg.control_band)
         figures.append("table3.png")
+    if plots.plot_ceiling(rows, out / "ceiling.png", cfg.dpi, cfg.figure_width):
+        figures.append("ceiling.png")
 
     # Figure 4: every scale-up arm a target ran, with its paper number
     scale: dict[str, list[tuple[str, dict]]] = {}
@@ -251,6 +253,8 @@ def build_report(runs_dir: str, control_runs_dir: str | None, designs_dir: str, 
                      f"{_gap(r['gap'])} | {_gap(main_gap.get((r['target'], r['id'])))} |")
     if "table3.png" in figures:
         L += ["", "![Table 3 gaps with intervals; x = the paper's gap](table3.png)"]
+    if "ceiling.png" in figures:
+        L += ["", "![Trained and Baseline+ against their name ceilings](ceiling.png)"]
     if scale:
         ts = sorted(scale)
         L += ["", "## Figure 4: scale-up (one total for every arm)", "",

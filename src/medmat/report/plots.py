@@ -106,6 +106,38 @@ def plot_table3(rows: list[dict], crows: list[dict], path: Path, dpi: int, width
     plt.close(fig)
 
 
+def plot_ceiling(rows: list[dict], path: Path, dpi: int, width: float) -> bool:
+    """Each row's Trained (orange) and Baseline+ (grey) accuracy, with its interval, against the arm's name
+    ceiling (analysis.name_ceiling): on the diagonal an arm reads every label its training named and
+    guesses the rest; above it, it reads labels no training answer named. False when no row has one."""
+    pts = [(r, arm, side, colour) for r in rows if r["ceiling"]
+           for arm, side, colour in (("trained", "related", "#d4702a"), ("baseline_plus", "baseline_plus", "#999999"))
+           if r[arm]]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(width * 0.6, width * 0.5))
+    ax.plot([0, 100], [0, 100], color="black", lw=0.8, label="name ceiling")
+    seen: dict[tuple[str, float], int] = {}
+    for r, arm, side, colour in pts:
+        x, c = r["ceiling"][side], r[arm]
+        k = seen[(arm, round(x, 1))] = seen.get((arm, round(x, 1)), -1) + 1  # rows at one ceiling side by side
+        ax.errorbar(x + 1.2 * k - (2 if arm == "baseline_plus" else 0), c["acc"],
+                    yerr=[[c["acc"] - c["lo"]], [c["hi"] - c["acc"]]], fmt="o", ms=4, color=colour, capsize=2,
+                    label={"trained": "Trained (Related arm)", "baseline_plus": "Baseline+"}[arm])
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.set_xlim(0, 105)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("name ceiling of the arm (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against what the training answers name", fontsize=9)
+    _save(fig, path, dpi)
+    plt.close(fig)
+    return True
+
+
 def plot_bars(groups: dict[str, list[tuple[str, dict]]], path: Path, dpi: int, width: float, title: str) -> None:
     """One panel per target: accuracy bars with their intervals."""
     plt = _plt()
