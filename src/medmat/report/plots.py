@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -118,17 +119,20 @@ def plot_ceiling(rows: list[dict], path: Path, dpi: int, width: float) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(width * 0.6, width * 0.5))
     ax.plot([0, 100], [0, 100], color="black", lw=0.8, label="name ceiling")
-    seen: dict[tuple[str, float], int] = {}
+    at = Counter((arm, round(r["ceiling"][side], 1)) for r, arm, side, _ in pts)
+    seen: Counter = Counter()
     for r, arm, side, colour in pts:
         x, c = r["ceiling"][side], r[arm]
-        k = seen[(arm, round(x, 1))] = seen.get((arm, round(x, 1)), -1) + 1  # rows at one ceiling side by side
-        ax.errorbar(x + 1.2 * k - (2 if arm == "baseline_plus" else 0), c["acc"],
+        key = (arm, round(x, 1))
+        offset = seen[key] - (at[key] - 1) / 2  # rows at one ceiling side by side, centred on it
+        seen[key] += 1
+        ax.errorbar(x + 0.9 * offset, c["acc"],
                     yerr=[[c["acc"] - c["lo"]], [c["hi"] - c["acc"]]], fmt="o", ms=4, color=colour, capsize=2,
                     label={"trained": "Trained (Related arm)", "baseline_plus": "Baseline+"}[arm])
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
-    ax.set_xlim(0, 105)
+    ax.set_xlim(0, 108)
     ax.set_ylim(0, 105)
     ax.set_xlabel("name ceiling of the arm (%)")
     ax.set_ylabel("test accuracy (%)")
