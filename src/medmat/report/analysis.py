@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from math import comb
 from typing import Any
 
 from medmat import stats
@@ -84,12 +83,13 @@ def name_ceiling(named: int, labels: int, options: int) -> float:
     expectation no model trained on these answers scores more: an unnamed label's look carries
     nothing it learned. (A model that knows the words before training, as an MLLM on real Med-MAT
     does, is not bound by it.)"""
+    from scipy.stats import hypergeom
+
     if named >= labels:
         return 100.0
     drawn, others, unnamed_others = min(options, labels) - 1, labels - 1, labels - named - 1
-    p_right = sum(comb(unnamed_others, u) * comb(others - unnamed_others, drawn - u) / comb(others, drawn) / (1 + u)
-                  for u in range(max(0, drawn - (others - unnamed_others)), min(drawn, unnamed_others) + 1))
-    return 100.0 * (named + (labels - named) * p_right) / labels
+    p_right = sum(hypergeom.pmf(u, others, unnamed_others, drawn) / (1 + u) for u in range(drawn + 1))
+    return float(100.0 * (named + (labels - named) * p_right) / labels)
 
 
 def name_ceilings(combo: dict[str, Any], n_options: int | None) -> dict[str, float] | None:
